@@ -1,0 +1,51 @@
+"""accel: hybrid data-pipeline parallelism for conditional diffusion pipelines.
+
+>>> pipe = accel.wrap(pipe, devices=2)      # same call signature as the diffusers pipeline
+>>> image = pipe("an astronaut in a jungle").images[0]
+>>> pipe = accel.unwrap(pipe)               # the original pipeline
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accel.accelerator import Accelerator, DeviceUnavailableError
+from accel.runtime.comm import PeerFailedError, RankMismatchError
+from accel.settings import AccelSettings, SettingsError
+from accel.wrapper import AcceleratedPipeline, CallReport, UnsupportedPipelineError, unwrap
+
+__version__ = "0.1.0"
+
+
+def wrap(pipe: Any, *, accelerator: Accelerator | None = None, **settings: Any) -> AcceleratedPipeline:
+    """Accelerate a diffusers pipeline.
+
+    Args:
+        pipe: a diffusers pipeline with a ``unet`` or ``transformer``.
+        accelerator: an existing :class:`Accelerator`; otherwise one is made from ``settings``
+            (``devices``, ``strategy``, ``precision``, ``backend``, ... see :class:`AccelSettings`)
+            and launched (joining torchrun's process group, for example).
+
+    Returns:
+        A wrapper that is called exactly like ``pipe`` and returns the same output on every rank.
+    """
+    if accelerator is not None and settings:
+        raise SettingsError(
+            f"pass settings either to the Accelerator or to wrap(), not both (got {sorted(settings)})."
+        )
+    return (accelerator or Accelerator(**settings)).wrap(pipe)
+
+
+__all__ = [
+    "AccelSettings",
+    "AcceleratedPipeline",
+    "Accelerator",
+    "CallReport",
+    "DeviceUnavailableError",
+    "PeerFailedError",
+    "RankMismatchError",
+    "SettingsError",
+    "UnsupportedPipelineError",
+    "unwrap",
+    "wrap",
+]

@@ -1,0 +1,183 @@
+"""The Accelerator: owns devices, processes and communication; wraps diffusers pipelines.
+
+Process-group setup is delegated to Lightning Fabric, so the same script runs under ``torchrun``,
+under ``accel run``, with ``Accelerator(devices=2).launch()`` at the top of a script (which re-runs the
+script once per extra device, as ``Fabric.launch()`` does), or with ``Accelerator(...).launch(fn)``
+(spawns processes that call ``fn``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from accel.runtime.comm import Communicator, FailureMonitor
+from accel.settings import AccelSettings, SettingsError
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+    from accel.wrapper import AcceleratedPipeline
+
+log = logging.getLogger(__name__)
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested devices do not exist on this machine."""
+
+
+class Accelerator:
+    """Runs a diffusers pipeline across devices; one per process.
+
+    Every argument is keyword-only and validated on construction (see :class:`AccelSettings`), on
+    every rank, before any process group or collective exists.
+
+    Example::
+
+        acc = accel.Accelerator(devices=2)
+        acc.launch()                      # no-op under torchrun / accel run
+        pipe = acc.wrap(pipe)
+    """
+
+    def __init__(self, *, settings: AccelSettings | None = None, **kwargs: Any) -> None:
+        if settings is not None and kwargs:
+            raise SettingsError("pass either settings=AccelSettings(...) or keyword settings, not both.")
+        self.settings = settings if settings is not None else AccelSettings(**kwargs)
+        self._accelerator = _resolve_accelerator(self.settings)
+        self._fabric: Fabric | None = None
+        self._comm: Communicator | None = None
+        self._monitor: FailureMonitor | None = None
+
+    # -- launching ----------------------------------------------------------------------------------
+
+    @property
+    def is_launched(self) -> bool:
+        """Whether this process has joined its process group (or needs none)."""
+        return self._fabric is not None
+
+    def launch(self, function: Callable[..., Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Start or join the processes.
+
+        Without ``function``: join the process group of an external launcher (torchrun, ``accel run``),
+        or, in a plain ``python script.py`` with ``devices > 1``, re-run the script once per extra device.
+        With ``function``: spawn ``devices`` processes, each calling ``function(accelerator, *args,
+        **kwargs)`` with its own launched Accelerator; returns rank 0's result.
+        """
+        if function is None:
+            if self._fabric is None:
+                fabric = self._make_fabric(spawn=False)
+                fabric.launch()
+                self._attach(fabric)
+            return None
+        fabric = self._make_fabric(spawn=True)
+        return fabric.launch(_spawned_worker, self.settings, function, args, kwargs)
+
+    def _make_fabric(self, *, spawn: bool) -> Fabric:
+        from lightning.fabric import Fabric
+        from lightning.fabric.strategies import DDPStrategy
+
+        s = self.settings
+        fabric_accelerator = "gpu" if self._accelerator == "cuda" else "cpu"
+        if s.world_size == 1:
+            return Fabric(accelerator=fabric_accelerator, devices=1, num_nodes=1)
+        strategy = DDPStrategy(
+            start_method="spawn" if spawn else "popen",
+            process_group_backend="nccl" if self._accelerator == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=s.collective_timeout_s),
+        )
+        return Fabric(accelerator=fabric_accelerator, devices=s.devices, num_nodes=s.num_nodes, strategy=strategy)
+
+    def _attach(self, fabric: Fabric) -> None:
+        self._fabric = fabric
+        if fabric.world_size > 1:
+            self._comm = Communicator(rank=fabric.global_rank, world_size=fabric.world_size)
+            self._monitor = FailureMonitor.for_default_group(fabric.global_rank, fabric.world_size)
+            if self._monitor is not None:
+                self._monitor.start()
+            # The first collective: all ranks must agree on the settings before any work starts.
+            self._comm.check_same("accel settings", f"{self.settings!r}")
+        log.info("rank %d/%d on %s", self.rank, self.world_size, self.device)
+
+    # -- properties ---------------------------------------------------------------------------------
+
+    def _launched(self) -> Fabric:
+        if self._fabric is None:
+            raise RuntimeError("the Accelerator is not launched yet: call accelerator.launch() first.")
+        return self._fabric
+
+    @property
+    def rank(self) -> int:
+        """Global rank of this process."""
+        return self._launched().global_rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes."""
+        return self._launched().world_size
+
+    @property
+    def device(self) -> torch.device:
+        """This process's device."""
+        return self._launched().device
+
+    @property
+    def comm(self) -> Communicator | None:
+        """The communicator (``None`` with one process)."""
+        return self._comm
+
+    def report_failure(self, exc: BaseException) -> None:
+        """Tell every other rank that this rank failed, so that they stop instead of waiting."""
+        if self._monitor is not None:
+            self._monitor.post(exc)
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        self._launched().barrier()
+
+    # -- wrapping -----------------------------------------------------------------------------------
+
+    def wrap(self, pipe: Any) -> AcceleratedPipeline:
+        """Accelerate a diffusers pipeline in place; returns a wrapper with the same call signature."""
+        from accel.wrapper import wrap_pipeline
+
+        if not self.is_launched:
+            self.launch()
+        return wrap_pipeline(pipe, self)
+
+    def __repr__(self) -> str:
+        where = f"rank {self.rank}/{self.world_size} on {self.device}" if self.is_launched else "not launched"
+        return f"Accelerator({self.settings!r}, {where})"
+
+
+def _resolve_accelerator(settings: AccelSettings) -> str:
+    """``"cuda"`` or ``"cpu"``, checked against what this machine has."""
+    kind = settings.accelerator
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "auto":
+        kind = "cuda" if n_cuda > 0 else "cpu"
+    if kind == "cuda" and n_cuda < settings.devices:
+        raise DeviceUnavailableError(
+            f"devices={settings.devices} CUDA devices were requested but this machine has {n_cuda}. "
+            "Lower devices, or pass accelerator='cpu' to run that many CPU processes (gloo)."
+        )
+    return kind
+
+
+def _spawned_worker(
+    fabric: Fabric,
+    settings: AccelSettings,
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    accelerator = Accelerator(settings=settings)
+    accelerator._attach(fabric)
+    try:
+        return function(accelerator, *args, **kwargs)
+    except BaseException as exc:
+        accelerator.report_failure(exc)
+        raise

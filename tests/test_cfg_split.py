@@ -1,0 +1,147 @@
+"""CFG split across 2 real gloo processes equals the single-process pipeline."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import accel
+from accel.testing import build_pipeline
+
+STEPS = 4
+GUIDANCE = 5.0
+
+# (name, call kwargs) cases, each run single-process (reference) and wrapped on 2 processes.
+CASES: list[tuple[str, dict]] = [
+    ("b1", dict(prompt="a red digit seven")),
+    ("b3", dict(prompt=["a red digit seven", "a blue cat", "an astronaut"])),
+    ("b1-neg", dict(prompt="a red digit seven", negative_prompt="blurry, low quality")),
+    (
+        "b3-neg",
+        dict(prompt=["a seven", "a cat", "a dog"], negative_prompt=["blurry", "dark", "noisy"]),
+    ),
+    ("b1-rescale", dict(prompt="a red digit seven", guidance_rescale=0.7)),
+    ("b1-g1", dict(prompt="a red digit seven", guidance_scale=1.0)),
+    ("b3-g1", dict(prompt=["a seven", "a cat", "a dog"], guidance_scale=1.0)),
+    ("b2-g1", dict(prompt=["a seven", "a cat"], guidance_scale=1.0)),
+]
+
+COLLECTIVES = (
+    "all_gather_into_tensor",
+    "all_gather",
+    "all_gather_object",
+    "all_reduce",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+)
+
+
+def _count_collectives() -> dict[str, int]:
+    """Patch every torch.distributed collective with a counter (in this process only)."""
+    counts = {"n": 0}
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        def counted(*args, __original=original, **kwargs):
+            counts["n"] += 1
+            return __original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    return counts
+
+
+def _generate(pipe, kwargs: dict, record: list | None = None) -> torch.Tensor:
+    def on_step_end(_pipe, step, timestep, cb_kwargs):
+        if record is not None:
+            record.append(cb_kwargs["latents"].clone())
+        return cb_kwargs
+
+    call = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent")
+    call.update(kwargs)
+    generator = torch.Generator("cpu").manual_seed(1234)
+    return pipe(**call, generator=generator, callback_on_step_end=on_step_end).images
+
+
+def _worker(acc: accel.Accelerator, family: str, out_dir: str) -> None:
+    pipe = build_pipeline(family)
+    denoiser_name = "unet" if family == "sdxl" else "transformer"
+    denoiser = getattr(pipe, denoiser_name)
+    state_before = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    wrapped = accel.wrap(pipe, accelerator=acc)
+    counts = _count_collectives()
+    results = {}
+    for name, kwargs in CASES:
+        steps: list[torch.Tensor] = []
+        before = counts["n"]
+        images = _generate(wrapped, kwargs, steps)
+        results[name] = {
+            "images": images,
+            "steps": steps,
+            "collectives": counts["n"] - before,
+            "report": wrapped.last_report,
+        }
+    original = accel.unwrap(wrapped)
+    before = counts["n"]
+    results["after_unwrap"] = {
+        "is_original": original is pipe,
+        "forward_in_dict": "forward" in vars(denoiser),
+        "has_registry": hasattr(denoiser, "_diffusers_hook"),
+        "state_equal": all(torch.equal(v, state_before[k]) for k, v in denoiser.state_dict().items()),
+        "images": _generate(original, CASES[0][1]),
+    }
+    results["after_unwrap"]["collectives"] = counts["n"] - before
+    torch.save(results, f"{out_dir}/rank{acc.rank}.pt")
+
+
+def _reference(family: str) -> dict[str, torch.Tensor]:
+    pipe = build_pipeline(family)
+    return {name: _generate(pipe, kwargs) for name, kwargs in CASES}
+
+
+def _run(family: str, tmp_path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run with one thread each; match them bit for bit
+    try:
+        reference = _reference(family)
+    finally:
+        torch.set_num_threads(threads)
+    accel.Accelerator(devices=2, accelerator="cpu").launch(_worker, family, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name, kwargs in CASES:
+        r0, r1 = ranks[0][name], ranks[1][name]
+        diff = (r0["images"] - reference[name]).abs().max().item()
+        assert diff <= 1e-5, f"{family}/{name}: wrapped output differs from single process by {diff}"
+        assert torch.equal(r0["images"], r1["images"]), f"{family}/{name}: ranks disagree"
+        assert len(r0["steps"]) == STEPS
+        for step, (a, b) in enumerate(zip(r0["steps"], r1["steps"], strict=True)):
+            assert torch.equal(a, b), f"{family}/{name}: latents differ across ranks at step {step}"
+        batch = len(kwargs["prompt"]) if isinstance(kwargs["prompt"], list) else 1
+        guided = kwargs.get("guidance_scale", GUIDANCE) > 1
+        rows = 2 * batch if guided else batch
+        expected = STEPS if rows % 2 == 0 else 0  # an odd batch without CFG cannot be split: runs unchanged
+        for r in ranks:
+            assert r[name]["collectives"] == expected, (family, name, r[name]["collectives"])
+            assert r[name]["report"].collectives == expected
+            assert r[name]["report"].denoiser_calls == STEPS
+    for r in ranks:
+        after = r["after_unwrap"]
+        assert after["is_original"] and after["state_equal"]
+        assert not after["forward_in_dict"] and not after["has_registry"]
+        assert after["collectives"] == 0
+        assert torch.equal(after["images"], reference[CASES[0][0]]), "unwrap did not restore the pipeline"
+
+
+def test_cfg_split_sdxl(tmp_path) -> None:
+    _run("sdxl", tmp_path)
+
+
+def test_cfg_split_sd3(tmp_path) -> None:
+    _run("sd3", tmp_path)
