@@ -17,23 +17,28 @@ from accel.wrapper import AcceleratedPipeline, CallReport, UnsupportedPipelineEr
 __version__ = "0.1.0"
 
 
-def wrap(pipe: Any, *, accelerator: Accelerator | None = None, **settings: Any) -> AcceleratedPipeline:
+def wrap(pipe: Any, *, accelerator: Accelerator | str | None = None, **settings: Any) -> AcceleratedPipeline:
     """Accelerate a diffusers pipeline.
 
     Args:
         pipe: a diffusers pipeline with a ``unet`` or ``transformer``.
-        accelerator: an existing :class:`Accelerator`; otherwise one is made from ``settings``
-            (``devices``, ``strategy``, ``precision``, ``backend``, ... see :class:`AccelSettings`)
-            and launched (joining torchrun's process group, for example).
+        accelerator: an existing, possibly launched :class:`Accelerator`; or the device kind
+            (``"auto"``, ``"cpu"``, ``"cuda"``) of a new one made from ``settings``.
+        settings: ``devices``, ``strategy``, ``precision``, ``backend``, ... (see :class:`AccelSettings`)
+            for a new Accelerator, which is launched (joining torchrun's process group, for example).
 
     Returns:
         A wrapper that is called exactly like ``pipe`` and returns the same output on every rank.
     """
-    if accelerator is not None and settings:
-        raise SettingsError(
-            f"pass settings either to the Accelerator or to wrap(), not both (got {sorted(settings)})."
-        )
-    return (accelerator or Accelerator(**settings)).wrap(pipe)
+    if isinstance(accelerator, Accelerator):
+        if settings:
+            raise SettingsError(
+                f"pass settings either to the Accelerator or to wrap(), not both (got {sorted(settings)})."
+            )
+        return accelerator.wrap(pipe)
+    if accelerator is not None:
+        settings["accelerator"] = accelerator
+    return Accelerator(**settings).wrap(pipe)
 
 
 __all__ = [

@@ -8,6 +8,7 @@ script once per extra device, as ``Fabric.launch()`` does), or with ``Accelerato
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 from collections.abc import Callable
@@ -74,7 +75,9 @@ class Accelerator:
                 self._attach(fabric)
             return None
         fabric = self._make_fabric(spawn=True)
-        return fabric.launch(_spawned_worker, self.settings, function, args, kwargs)
+        # Settings travel as a plain dict: Lightning walks the arguments and cannot copy frozen dataclasses.
+        worker: Callable[..., Any] = _spawned_worker
+        return fabric.launch(worker, dataclasses.asdict(self.settings), function, args, kwargs)
 
     def _make_fabric(self, *, spawn: bool) -> Fabric:
         from lightning.fabric import Fabric
@@ -89,7 +92,9 @@ class Accelerator:
             process_group_backend="nccl" if self._accelerator == "cuda" else "gloo",
             timeout=datetime.timedelta(seconds=s.collective_timeout_s),
         )
-        return Fabric(accelerator=fabric_accelerator, devices=s.devices, num_nodes=s.num_nodes, strategy=strategy)
+        return Fabric(
+            accelerator=fabric_accelerator, devices=s.devices, num_nodes=s.num_nodes, strategy=strategy
+        )
 
     def _attach(self, fabric: Fabric) -> None:
         self._fabric = fabric
@@ -169,12 +174,12 @@ def _resolve_accelerator(settings: AccelSettings) -> str:
 
 def _spawned_worker(
     fabric: Fabric,
-    settings: AccelSettings,
+    settings: dict[str, Any],
     function: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    accelerator = Accelerator(settings=settings)
+    accelerator = Accelerator(settings=AccelSettings(**settings))
     accelerator._attach(fabric)
     try:
         return function(accelerator, *args, **kwargs)

@@ -7,8 +7,6 @@ only change to the pipeline itself is a removable diffusers hook on the denoiser
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -59,16 +57,10 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap hash of a model's class, config and a strided sample of its weights.
+    """Class, architecture config and weights sample of a model, to check that all ranks loaded the same one."""
+    from accel.plan import config_hash, weights_fingerprint
 
-    Used once at wrap time to check that every rank loaded the same model.
-    """
-    config = getattr(model, "config", {})
-    blob = json.dumps({"class": type(model).__name__, "config": dict(config)}, sort_keys=True, default=str)
-    with torch.no_grad():
-        samples = [p.detach().flatten()[:: max(1, p.numel() // 16)].double().sum() for p in model.parameters()]
-        weights = float(torch.stack(samples).sum()) if samples else 0.0
-    return hashlib.sha256(f"{blob}|{weights!r}".encode()).hexdigest()[:16]
+    return f"{type(model).__name__}/{config_hash(model)}/{weights_fingerprint(model)}"
 
 
 class AcceleratedPipeline:
@@ -78,7 +70,9 @@ class AcceleratedPipeline:
     :class:`CallReport` of the latest call; ``pipeline`` is the original object.
     """
 
-    def __init__(self, pipe: Any, accelerator: Accelerator, hook: CFGSplitHook | None, restore: _Restore) -> None:
+    def __init__(
+        self, pipe: Any, accelerator: Accelerator, hook: CFGSplitHook | None, restore: _Restore
+    ) -> None:
         object.__setattr__(self, "_pipe", pipe)
         object.__setattr__(self, "_accelerator", accelerator)
         object.__setattr__(self, "_hook", hook)
@@ -196,7 +190,9 @@ def wrap_pipeline(pipe: Any, accelerator: Accelerator) -> AcceleratedPipeline:
     )
     hook = None
     if comm is not None:
-        hook = CFGSplitHook(comm, owns_result=lambda: bool(getattr(pipe, "do_classifier_free_guidance", False)))
+        hook = CFGSplitHook(
+            comm, owns_result=lambda: bool(getattr(pipe, "do_classifier_free_guidance", False))
+        )
         HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(hook, HOOK_NAME)
     return AcceleratedPipeline(pipe, accelerator, hook, restore)
 

@@ -20,7 +20,7 @@ CASES: list[tuple[str, dict]] = [
         "b3-neg",
         dict(prompt=["a seven", "a cat", "a dog"], negative_prompt=["blurry", "dark", "noisy"]),
     ),
-    ("b1-rescale", dict(prompt="a red digit seven", guidance_rescale=0.7)),
+    ("b1-rescale", dict(prompt="a red digit seven", guidance_rescale=0.7)),  # SDXL only: SD3 has none
     ("b1-g1", dict(prompt="a red digit seven", guidance_scale=1.0)),
     ("b3-g1", dict(prompt=["a seven", "a cat", "a dog"], guidance_scale=1.0)),
     ("b2-g1", dict(prompt=["a seven", "a cat"], guidance_scale=1.0)),
@@ -70,6 +70,10 @@ def _generate(pipe, kwargs: dict, record: list | None = None) -> torch.Tensor:
     return pipe(**call, generator=generator, callback_on_step_end=on_step_end).images
 
 
+def _cases(family: str) -> list[tuple[str, dict]]:
+    return [(n, kw) for n, kw in CASES if family == "sdxl" or "guidance_rescale" not in kw]
+
+
 def _worker(acc: accel.Accelerator, family: str, out_dir: str) -> None:
     pipe = build_pipeline(family)
     denoiser_name = "unet" if family == "sdxl" else "transformer"
@@ -78,7 +82,7 @@ def _worker(acc: accel.Accelerator, family: str, out_dir: str) -> None:
     wrapped = accel.wrap(pipe, accelerator=acc)
     counts = _count_collectives()
     results = {}
-    for name, kwargs in CASES:
+    for name, kwargs in _cases(family):
         steps: list[torch.Tensor] = []
         before = counts["n"]
         images = _generate(wrapped, kwargs, steps)
@@ -103,7 +107,7 @@ def _worker(acc: accel.Accelerator, family: str, out_dir: str) -> None:
 
 def _reference(family: str) -> dict[str, torch.Tensor]:
     pipe = build_pipeline(family)
-    return {name: _generate(pipe, kwargs) for name, kwargs in CASES}
+    return {name: _generate(pipe, kwargs) for name, kwargs in _cases(family)}
 
 
 def _run(family: str, tmp_path) -> None:
@@ -115,10 +119,16 @@ def _run(family: str, tmp_path) -> None:
         torch.set_num_threads(threads)
     accel.Accelerator(devices=2, accelerator="cpu").launch(_worker, family, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for name, kwargs in CASES:
+    for name, kwargs in _cases(family):
         r0, r1 = ranks[0][name], ranks[1][name]
         diff = (r0["images"] - reference[name]).abs().max().item()
-        assert diff <= 1e-5, f"{family}/{name}: wrapped output differs from single process by {diff}"
+        # Exact math, fp32 arithmetic: batch-1 and batch-2 GEMMs round differently, and Euler's sigma (~15)
+        # times the guidance scale amplifies that to ~1.5e-5 on latents of magnitude ~15 (about 8 ulp).
+        # The bound: 1e-5 absolute plus 1e-6 of the latents' range.
+        bound = 1e-5 + 1e-6 * reference[name].abs().max().item()
+        assert diff <= bound, (
+            f"{family}/{name}: wrapped output differs from single process by {diff} > {bound}"
+        )
         assert torch.equal(r0["images"], r1["images"]), f"{family}/{name}: ranks disagree"
         assert len(r0["steps"]) == STEPS
         for step, (a, b) in enumerate(zip(r0["steps"], r1["steps"], strict=True)):

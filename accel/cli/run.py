@@ -96,9 +96,13 @@ def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
 @app.command("run")
 def run(
     model: str = typer.Argument(None, help="A local diffusers pipeline folder (or use --demo)."),
-    demo: str = typer.Option(None, "--demo", help="A built-in tiny pipeline that needs no download: sdxl or sd3."),
+    demo: str = typer.Option(
+        None, "--demo", help="A built-in tiny pipeline that needs no download: sdxl or sd3."
+    ),
     prompt: list[str] = typer.Option(["a photo of an astronaut riding a horse"], "--prompt", "-p"),
-    prompt_file: Path = typer.Option(None, "--prompt-file", help="One prompt per line, generated as one batch."),
+    prompt_file: Path = typer.Option(
+        None, "--prompt-file", help="One prompt per line, generated as one batch."
+    ),
     negative_prompt: str = typer.Option(None, "--negative-prompt"),
     steps: int = typer.Option(20, "--steps", min=1),
     guidance: float = typer.Option(5.0, "--guidance"),
@@ -151,7 +155,15 @@ def run(
         return
     r = result["report"]
     table = Table(title=f"accel run: {demo or model}, {devices} device(s), {steps} steps")
-    for column in ("ranks", "images", "seconds", "per step (ms)", "denoiser calls", "collectives", "KiB sent"):
+    for column in (
+        "ranks",
+        "images",
+        "seconds",
+        "per step (ms)",
+        "denoiser calls",
+        "collectives",
+        "KiB sent",
+    ):
         table.add_column(column, justify="right")
     table.add_row(
         str(r["world_size"]),

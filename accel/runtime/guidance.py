@@ -10,7 +10,6 @@ ControlNet residuals, anything in nested dicts/lists whose first dimension is th
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +79,7 @@ def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(output, torch.Tensor):
         return fn(output)
     if isinstance(output, BaseOutput):
-        return type(output)(**{f.name: _map_output(getattr(output, f.name), fn) for f in dataclasses.fields(output)})
+        return type(output)(**{k: _map_output(v, fn) for k, v in output.items()})
     if isinstance(output, (list, tuple)):
         return type(output)(_map_output(v, fn) for v in output)
     return output
@@ -126,7 +125,7 @@ class CFGSplitHook(ModelHook):
         return split
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        forward = self.fn_ref.original_forward
+        forward: Callable[..., Any] = self.fn_ref.original_forward
         self.calls += 1
         batch = _batch_of(args, kwargs)
         if batch is None:
@@ -145,6 +144,8 @@ class CFGSplitHook(ModelHook):
         full = self.comm.all_gather(local)
         if split.replicas > 1:
             # Each part was computed by `replicas` ranks; keep the first copy of each.
-            full = full.view(split.parts, split.replicas, *local.shape)[:, 0].reshape(split.batch, *local.shape[1:])
+            full = full.view(split.parts, split.replicas, *local.shape)[:, 0].reshape(
+                split.batch, *local.shape[1:]
+            )
             return full
         return full if self.owns_result() else full.clone()
