@@ -11,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import pickle
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from accel.runtime.comm import Communicator, FailureMonitor
 from accel.settings import AccelSettings, SettingsError
@@ -77,7 +81,15 @@ class Accelerator:
         fabric = self._make_fabric(spawn=True)
         # Settings travel as a plain dict: Lightning walks the arguments and cannot copy frozen dataclasses.
         worker: Callable[..., Any] = _spawned_worker
-        return fabric.launch(worker, dataclasses.asdict(self.settings), function, args, kwargs)
+        with tempfile.TemporaryDirectory(prefix="accel-launch-") as tmp:
+            result_file = Path(tmp) / "rank0-result.pkl"
+            out = fabric.launch(
+                worker, dataclasses.asdict(self.settings), function, args, kwargs, str(result_file)
+            )
+            if not result_file.exists():  # one process: the function ran here and returned directly
+                return out
+            with result_file.open("rb") as f:
+                return pickle.load(f)  # written by our own rank-0 worker a moment ago
 
     def _make_fabric(self, *, spawn: bool) -> Fabric:
         from lightning.fabric import Fabric
@@ -139,6 +151,15 @@ class Accelerator:
         if self._monitor is not None:
             self._monitor.post(exc)
 
+    def teardown(self) -> None:
+        """Leave the process group cleanly (every rank calls it once its work is done)."""
+        if self._monitor is not None:
+            self._monitor.stop()
+        if self._comm is not None and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        self._comm = None
+
     def barrier(self) -> None:
         """Wait for every rank."""
         self._launched().barrier()
@@ -178,11 +199,21 @@ def _spawned_worker(
     function: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    result_file: str,
 ) -> Any:
     accelerator = Accelerator(settings=AccelSettings(**settings))
     accelerator._attach(fabric)
     try:
-        return function(accelerator, *args, **kwargs)
+        result = function(accelerator, *args, **kwargs)
     except BaseException as exc:
         accelerator.report_failure(exc)
         raise
+    if fabric.world_size == 1:
+        return result
+    if accelerator.rank == 0:
+        # Not through the launcher's return queue: a child that exits with a large result still in its
+        # pipe would wait forever for a parent that only reads after the child exits.
+        with open(result_file, "wb") as f:
+            pickle.dump(result, f)
+    accelerator.teardown()
+    return None

@@ -125,7 +125,8 @@ class CFGSplitHook(ModelHook):
         return split
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        forward: Callable[..., Any] = self.fn_ref.original_forward
+        forward = self.fn_ref.original_forward
+        assert forward is not None, "the hook registry sets original_forward for hooks with new_forward"
         self.calls += 1
         batch = _batch_of(args, kwargs)
         if batch is None:

@@ -1,0 +1,5 @@
+"""``python -m accel``: the same as the ``accel`` command."""
+
+from accel.cli.app import main
+
+main()
