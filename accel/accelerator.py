@@ -8,7 +8,6 @@ script once per extra device, as ``Fabric.launch()`` does), or with ``Accelerato
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import pickle
@@ -79,13 +78,12 @@ class Accelerator:
                 self._attach(fabric)
             return None
         fabric = self._make_fabric(spawn=True)
-        # Settings travel as a plain dict: Lightning walks the arguments and cannot copy frozen dataclasses.
+        # Everything travels pickled: Lightning walks launch arguments and refuses frozen dataclasses.
+        payload = pickle.dumps((self.settings, function, args, kwargs))
         worker: Callable[..., Any] = _spawned_worker
         with tempfile.TemporaryDirectory(prefix="accel-launch-") as tmp:
             result_file = Path(tmp) / "rank0-result.pkl"
-            out = fabric.launch(
-                worker, dataclasses.asdict(self.settings), function, args, kwargs, str(result_file)
-            )
+            out = fabric.launch(worker, payload, str(result_file))
             if not result_file.exists():  # one process: the function ran here and returned directly
                 return out
             with result_file.open("rb") as f:
@@ -195,13 +193,11 @@ def _resolve_accelerator(settings: AccelSettings) -> str:
 
 def _spawned_worker(
     fabric: Fabric,
-    settings: dict[str, Any],
-    function: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    payload: bytes,
     result_file: str,
 ) -> Any:
-    accelerator = Accelerator(settings=AccelSettings(**settings))
+    settings, function, args, kwargs = pickle.loads(payload)  # from our own parent process
+    accelerator = Accelerator(settings=settings)
     accelerator._attach(fabric)
     try:
         result = function(accelerator, *args, **kwargs)
