@@ -28,6 +28,7 @@ CASES: list[tuple[str, dict]] = [
 
 COLLECTIVES = (
     "all_gather_into_tensor",
+    "all_gather_single",
     "all_gather",
     "all_gather_object",
     "all_reduce",
@@ -48,7 +49,9 @@ def _count_collectives() -> dict[str, int]:
     """Patch every torch.distributed collective with a counter (in this process only)."""
     counts = {"n": 0}
     for name in COLLECTIVES:
-        original = getattr(dist, name)
+        original = getattr(dist, name, None)
+        if original is None:  # not in this torch release
+            continue
 
         def counted(*args, __original=original, **kwargs):
             counts["n"] += 1

@@ -56,6 +56,9 @@ def _save_png(image: Any, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the image normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

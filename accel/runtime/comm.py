@@ -75,7 +75,9 @@ class Communicator:
         The buffer is reused by the next gather of the same shape: consume it (or copy it) before then.
         """
         out = self.gather_buffer(local)
-        dist.all_gather_into_tensor(out, local.contiguous(), group=self.group)
+        # torch 2.13 renamed the collective; older releases (2.11 on the GPU host) only have the old name.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, local.contiguous(), group=self.group)
         self.stats.collectives += 1
         self.stats.bytes_sent += local.numel() * local.element_size()
         return out
