@@ -157,8 +157,16 @@ class DenoiserAdapter(ABC):
         """Run unit ``index`` on ``state`` in place."""
 
     @abstractmethod
+    def _output_class(self) -> type:
+        """The diffusers output dataclass ``model.forward`` returns with ``return_dict=True``."""
+
     def finish(self, state: SegmentState) -> Any:
-        """Turn the state after the last unit into exactly what ``model.forward`` returns."""
+        """Turn the state after the last unit into exactly what ``model.forward`` returns:
+        ``(sample,)`` or the model's output dataclass, as ``return_dict`` asked."""
+        sample = state.carry["sample"]
+        if not state.context.get("return_dict", True):
+            return (sample,)
+        return self._output_class()(sample=sample)
 
     @abstractmethod
     def example_inputs(

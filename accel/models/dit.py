@@ -139,14 +139,10 @@ class SD3Adapter(DenoiserAdapter):
             shape=(hidden_states.shape[0], m.out_channels, height * patch_size, width * patch_size)
         )
 
-    def finish(self, state: SegmentState) -> Any:
-        """``(sample,)`` or ``Transformer2DModelOutput(sample=...)``, as ``return_dict`` asked."""
+    def _output_class(self) -> type:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        sample = state.carry["sample"]
-        if not state.context.get("return_dict", True):
-            return (sample,)
-        return Transformer2DModelOutput(sample=sample)
+        return Transformer2DModelOutput
 
     def example_inputs(
         self,

@@ -672,14 +672,10 @@ class UNetAdapter(DenoiserAdapter):
             sizes.append(upsample_size)
         return sizes
 
-    def finish(self, state: SegmentState) -> Any:
-        """``(sample,)`` or ``UNet2DConditionOutput(sample=...)``, as ``return_dict`` asked."""
+    def _output_class(self) -> type:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        sample = state.carry["sample"]
-        if not state.context.get("return_dict", True):
-            return (sample,)
-        return UNet2DConditionOutput(sample=sample)
+        return UNet2DConditionOutput
 
     def example_inputs(
         self,
