@@ -96,7 +96,8 @@ def _segments(segments: Any) -> str:
     return ", ".join(f"{lo}-{hi - 1}" if hi - lo > 1 else f"{lo}" for lo, hi in segments)
 
 
-def _table(plan: Any, output: Path) -> Table:
+def plan_table(plan: Any, output: Path | None = None) -> Table:
+    """A rich table of a plan's stages (``accel plan`` and ``accel inspect``)."""
     title = (
         f"accel plan: {plan.model_class} ({len(plan.units)} units), {plan.resolutions[0][0]}x"
         f"{plan.resolutions[0][1]}, batch {plan.batches[0]}, {plan.dtype} on {plan.profile.get('device_name')}, "
@@ -126,7 +127,7 @@ def _table(plan: Any, output: Path) -> Table:
         )
     table.caption = (
         f"balance (max/mean) {plan.balance:.3f}; {plan.bytes_per_step / 1e6:.3f} MB cross stages per step "
-        f"({len(plan.boundary)} tensors); wrote {output}"
+        f"({len(plan.boundary)} tensors)" + (f"; wrote {output}" if output is not None else "")
     )
     return table
 
@@ -219,4 +220,4 @@ def plan(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    console.print(_table(result, written))
+    console.print(plan_table(result, written))
