@@ -11,7 +11,8 @@ from typing import Any
 
 from accel.accelerator import Accelerator, DeviceUnavailableError
 from accel.runtime.comm import PeerFailedError, RankMismatchError
-from accel.settings import AccelSettings, SettingsError
+from accel.runtime.schedule import ScheduleSettings
+from accel.settings import PIPELINE_SETTINGS, AccelSettings, SettingsError
 from accel.wrapper import AcceleratedPipeline, CallReport, UnsupportedPipelineError, unwrap
 
 __version__ = "0.1.0"
@@ -24,18 +25,22 @@ def wrap(pipe: Any, *, accelerator: Accelerator | str | None = None, **settings:
         pipe: a diffusers pipeline with a ``unet`` or ``transformer``.
         accelerator: an existing, possibly launched :class:`Accelerator`; or the device kind
             (``"auto"``, ``"cpu"``, ``"cuda"``) of a new one made from ``settings``.
-        settings: ``devices``, ``strategy``, ``precision``, ``backend``, ... (see :class:`AccelSettings`)
-            for a new Accelerator, which is launched (joining torchrun's process group, for example).
+        settings: ``devices``, ``strategy``, ``precision``, ``backend``, ``window_guidance``, ``schedule``,
+            ``plan``, ... (see :class:`AccelSettings`) for a new Accelerator, which is launched (joining
+            torchrun's process group, for example). With an existing Accelerator only the per-pipeline
+            settings ``strategy``, ``window_guidance``, ``schedule`` and ``plan`` may be given.
 
     Returns:
         A wrapper that is called exactly like ``pipe`` and returns the same output on every rank.
     """
     if isinstance(accelerator, Accelerator):
-        if settings:
+        other = sorted(set(settings) - set(PIPELINE_SETTINGS))
+        if other:
             raise SettingsError(
-                f"pass settings either to the Accelerator or to wrap(), not both (got {sorted(settings)})."
+                f"pass settings either to the Accelerator or to wrap(), not both (got {other}); only "
+                f"{', '.join(PIPELINE_SETTINGS)} may change per pipeline."
             )
-        return accelerator.wrap(pipe)
+        return accelerator.wrap(pipe, **settings)
     if accelerator is not None:
         settings["accelerator"] = accelerator
     return Accelerator(**settings).wrap(pipe)
@@ -49,6 +54,7 @@ __all__ = [
     "DeviceUnavailableError",
     "PeerFailedError",
     "RankMismatchError",
+    "ScheduleSettings",
     "SettingsError",
     "UnsupportedPipelineError",
     "unwrap",

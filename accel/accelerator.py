@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from accel.runtime.comm import Communicator, FailureMonitor
-from accel.settings import AccelSettings, SettingsError
+from accel.settings import PIPELINE_SETTINGS, AccelSettings, SettingsError
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -164,13 +164,24 @@ class Accelerator:
 
     # -- wrapping -----------------------------------------------------------------------------------
 
-    def wrap(self, pipe: Any) -> AcceleratedPipeline:
-        """Accelerate a diffusers pipeline in place; returns a wrapper with the same call signature."""
+    def wrap(self, pipe: Any, **pipeline_settings: Any) -> AcceleratedPipeline:
+        """Accelerate a diffusers pipeline in place; returns a wrapper with the same call signature.
+
+        ``pipeline_settings`` may override the per-pipeline settings (``strategy``, ``window_guidance``,
+        ``schedule``, ``plan``) of this Accelerator for this pipeline only; they are validated like the rest.
+        """
         from accel.wrapper import wrap_pipeline
 
+        unknown = sorted(set(pipeline_settings) - set(PIPELINE_SETTINGS))
+        if unknown:
+            raise SettingsError(
+                f"{', '.join(unknown)} cannot change per pipeline; per-pipeline settings are "
+                f"{', '.join(PIPELINE_SETTINGS)}. Pass the others to the Accelerator."
+            )
+        settings = self.settings.replace(**pipeline_settings) if pipeline_settings else self.settings
         if not self.is_launched:
             self.launch()
-        return wrap_pipeline(pipe, self)
+        return wrap_pipeline(pipe, self, settings)
 
     def __repr__(self) -> str:
         where = f"rank {self.rank}/{self.world_size} on {self.device}" if self.is_launched else "not launched"

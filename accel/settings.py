@@ -5,21 +5,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from accel.runtime.schedule import ScheduleError, ScheduleSettings
+
 # Only what this version implements; an unknown value is refused with the valid choices.
-Strategy = Literal["cfg"]
+Strategy = Literal["cfg", "hybrid"]
+WindowGuidance = Literal["reference", "cached", "off"]
 AcceleratorKind = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "fp16", "bf16"]
 Backend = Literal["eager"]
 
-STRATEGIES: tuple[str, ...] = ("cfg",)
+STRATEGIES: tuple[str, ...] = ("cfg", "hybrid")
+WINDOW_GUIDANCE: tuple[str, ...] = ("reference", "cached", "off")
 ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BACKENDS: tuple[str, ...] = ("eager",)
+#: Settings that ``Accelerator.wrap(pipe, ...)`` / ``accel.wrap(pipe, accelerator=acc, ...)`` may override.
+PIPELINE_SETTINGS: tuple[str, ...] = ("strategy", "window_guidance", "schedule", "plan")
 
 
 class SettingsError(ValueError):
@@ -40,7 +47,18 @@ class AccelSettings:
         devices: processes (one device each) per node.
         num_nodes: nodes taking part; the world size is ``devices * num_nodes``.
         accelerator: ``"cuda"`` (NCCL), ``"cpu"`` (gloo), or ``"auto"`` (CUDA when present).
-        strategy: ``"cfg"`` splits the classifier-free-guidance branches across devices (exact).
+        strategy: ``"cfg"`` splits the classifier-free-guidance branches across devices (exact);
+            ``"hybrid"`` does that too, and pipelines the denoiser across the devices (one plan stage each,
+            stale activations) for a window of steps chosen by ``schedule``.
+        window_guidance: guidance inside the pipelined window (``strategy="hybrid"``): ``"reference"``
+            (the published behaviour: guidance dropped, stages fed mixed conditioning), ``"cached"``
+            (pipeline the conditional branch, re-apply the last measured ``eps_c - eps_u``), ``"off"``
+            (conditional branch only).
+        schedule: when to pipeline (``strategy="hybrid"``): a :class:`ScheduleSettings`, or ``"adaptive"``
+            (the published slope rule, the default), ``"always"``, ``"never"``, or a fixed ``(start, end)``
+            window of 0-based steps (inclusive).
+        plan: a plan file (``accel plan ... -o FILE``) for ``strategy="hybrid"``; ``None`` profiles and
+            partitions the denoiser on the first call at each shape.
         precision: cast the pipeline to this dtype on wrap; ``None`` keeps the pipeline's dtype.
         backend: how each stage is compiled.
         collective_timeout_s: a collective that waits longer than this fails instead of hanging.
@@ -53,6 +71,9 @@ class AccelSettings:
     precision: Precision | None = None
     backend: Backend = "eager"
     collective_timeout_s: float = 300.0
+    window_guidance: WindowGuidance = "cached"
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    plan: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("devices", "num_nodes"):
@@ -64,6 +85,16 @@ class AccelSettings:
         if self.precision is not None:
             _choice("precision", self.precision, PRECISIONS)
         _choice("backend", self.backend, BACKENDS)
+        _choice("window_guidance", self.window_guidance, WINDOW_GUIDANCE)
+        try:
+            # Also accepts a mode name, a (start, end) window or a dict (settings travel as dicts).
+            object.__setattr__(self, "schedule", ScheduleSettings.parse(self.schedule))
+        except ScheduleError as exc:
+            raise SettingsError(str(exc)) from None
+        if self.plan is not None:
+            if not isinstance(self.plan, str | os.PathLike):
+                raise SettingsError(f"plan must be a path to a plan file, got {self.plan!r}.")
+            object.__setattr__(self, "plan", os.fspath(self.plan))
         if not self.collective_timeout_s > 0:
             raise SettingsError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s!r}.")
         world = self.world_size
@@ -71,6 +102,12 @@ class AccelSettings:
             raise SettingsError(
                 f"world size {world} (devices={self.devices} x num_nodes={self.num_nodes}) is odd: "
                 "the two guidance branches need an even number of devices. Use 1, 2 or another even count."
+            )
+        if self.strategy == "hybrid" and world not in (1, 2):
+            raise SettingsError(
+                f"strategy='hybrid' runs on 2 devices for now; world size {world} (devices={self.devices} x "
+                f"num_nodes={self.num_nodes}) is not supported yet (4+ GPUs: k-way groups are a separate "
+                "feature). Use devices=2, or strategy='cfg' for any even count."
             )
 
     @property

@@ -7,18 +7,24 @@ only change to the pipeline itself is a removable diffusers hook on the denoiser
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from diffusers.hooks import HookRegistry
 
 from accel.runtime.guidance import HOOK_NAME, CFGSplitHook
+from accel.runtime.pipeline import HybridHook
 
 if TYPE_CHECKING:
     from accel.accelerator import Accelerator
+    from accel.models import DenoiserAdapter
+    from accel.plan import Plan
+    from accel.settings import AccelSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,15 @@ class UnsupportedPipelineError(TypeError):
 
 @dataclass(frozen=True)
 class CallReport:
-    """What one pipeline call did, for logging and for ``pipe.last_report``."""
+    """What one pipeline call did, for logging and for ``pipe.last_report``.
+
+    The hybrid fields (``strategy="hybrid"``) stay at their defaults otherwise: ``tau1``/``tau2`` as the
+    schedule decided them (``None``: no switch), ``window`` the pipelined steps ``(first, last)`` after
+    clamping, ``steps``/``phase_seconds`` per phase (``"cfg"``, ``"pipeline"``; host wall time from one
+    denoiser call to the next, no device syncs added), ``pipeline_bytes`` sent by this rank in the window
+    (boundary tensors, hand-over and prediction; also counted in ``bytes_sent``), ``rates`` the branch gap
+    ``r_i`` per step (NaN for pipelined steps), ``plan_seconds`` spent planning at a new shape.
+    """
 
     rank: int
     world_size: int
@@ -40,6 +54,15 @@ class CallReport:
     collectives: int
     bytes_sent: int
     seconds: float
+    strategy: str = "cfg"
+    tau1: int | None = None
+    tau2: int | None = None
+    window: tuple[int, int] | None = None
+    steps: dict[str, int] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    pipeline_bytes: int = 0
+    rates: tuple[float, ...] = ()
+    plan_seconds: float = 0.0
 
 
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
@@ -103,6 +126,14 @@ class AcceleratedPipeline:
         else:
             setattr(self._pipe, name, value)
 
+    @property
+    def runtime(self) -> CFGSplitHook | None:
+        """The denoiser hook (``HybridHook`` for ``strategy="hybrid"``; ``None`` with one process).
+
+        ``pipe.runtime.recorder = records.append`` collects a ``StepRecord`` per denoiser call (tests).
+        """
+        return self._hook
+
     def to(self, *args: Any, **kwargs: Any) -> AcceleratedPipeline:
         """Move/cast the original pipeline; returns the wrapper."""
         self._pipe.to(*args, **kwargs)
@@ -129,6 +160,20 @@ class AcceleratedPipeline:
         except BaseException as exc:
             acc.report_failure(exc)
             raise
+        extra: dict[str, Any] = {}
+        if isinstance(hook, HybridHook):
+            stats = hook.end_call()
+            extra = dict(
+                strategy="hybrid",
+                tau1=stats.tau1,
+                tau2=stats.tau2,
+                window=stats.window,
+                steps=dict(stats.steps),
+                phase_seconds=dict(stats.seconds),
+                pipeline_bytes=stats.pipeline_bytes,
+                rates=tuple(stats.rates),
+                plan_seconds=stats.planned_s,
+            )
         report = CallReport(
             rank=acc.rank,
             world_size=acc.world_size,
@@ -137,6 +182,7 @@ class AcceleratedPipeline:
             collectives=comm.stats.collectives if comm is not None else 0,
             bytes_sent=comm.stats.bytes_sent if comm is not None else 0,
             seconds=time.perf_counter() - start,
+            **extra,
         )
         self.last_report = report
         log.info(
@@ -167,8 +213,11 @@ class _Restore:
     had_forward_attr: bool
 
 
-def wrap_pipeline(pipe: Any, accelerator: Accelerator) -> AcceleratedPipeline:
-    """Attach accel to ``pipe`` (see :func:`accel.wrap`)."""
+def wrap_pipeline(
+    pipe: Any, accelerator: Accelerator, settings: AccelSettings | None = None
+) -> AcceleratedPipeline:
+    """Attach accel to ``pipe`` (see :func:`accel.wrap`); ``settings``: the Accelerator's, possibly with
+    per-pipeline overrides."""
     if isinstance(pipe, AcceleratedPipeline):
         raise ValueError("this pipeline is already wrapped by accel; call accel.unwrap(pipe) first.")
     _, denoiser = find_denoiser(pipe)
@@ -188,13 +237,115 @@ def wrap_pipeline(pipe: Any, accelerator: Accelerator) -> AcceleratedPipeline:
         had_registry=registry_before is not None,
         had_forward_attr="forward" in vars(denoiser),
     )
-    hook = None
+    settings = accelerator.settings if settings is None else settings
+    if comm is not None and settings is not accelerator.settings:
+        comm.check_same("the pipeline settings", repr(settings))
+    loaded: Plan | None = None
+    if settings.strategy == "hybrid" and settings.plan is not None and comm is not None:
+        from accel.plan import PlanError, load_plan
+
+        problem: PlanError | None = None
+        try:
+            loaded = load_plan(settings.plan)
+            loaded.validate_for(denoiser, devices=accelerator.world_size)
+            status = json.dumps(loaded.to_dict(), sort_keys=True)
+        except PlanError as exc:
+            problem, status = exc, f"unusable: {exc}"
+        # Every rank learns whether every rank could use the plan (no rank is left waiting).
+        comm.check_same("the plan file", status)
+        if problem is not None:
+            raise problem
+    hook: CFGSplitHook | None = None
     if comm is not None:
-        hook = CFGSplitHook(
-            comm, owns_result=lambda: bool(getattr(pipe, "do_classifier_free_guidance", False))
-        )
+
+        def guided() -> bool:
+            return bool(getattr(pipe, "do_classifier_free_guidance", False))
+
+        if settings.strategy == "hybrid":
+            hook = HybridHook(
+                comm,
+                owns_result=guided,
+                guided=guided,
+                num_steps=lambda: _num_steps(pipe),
+                schedule=settings.schedule,
+                window_guidance=settings.window_guidance,
+                get_plan=_PlanSource(pipe, denoiser, loaded, comm.rank, accelerator.world_size),
+            )
+        else:
+            hook = CFGSplitHook(comm, owns_result=guided)
         HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(hook, HOOK_NAME)
     return AcceleratedPipeline(pipe, accelerator, hook, restore)
+
+
+def _num_steps(pipe: Any) -> int | None:
+    """Denoiser calls of the current call: diffusers sets ``_num_timesteps`` before its loop."""
+    value = getattr(pipe, "_num_timesteps", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    return len(timesteps) if timesteps is not None else None
+
+
+class _PlanSource:
+    """The plan for a call's shape: the loaded plan file (validated for the shape), or one made by
+    profiling on rank 0 at that shape and broadcast, so that every rank cuts the model alike."""
+
+    def __init__(self, pipe: Any, model: torch.nn.Module, loaded: Plan | None, rank: int, world: int) -> None:
+        self.pipe = pipe
+        self.model = model
+        self.loaded = loaded
+        self.rank = rank
+        self.world = world
+        self.made: dict[tuple[Any, ...], Plan] = {}
+
+    def __call__(
+        self, adapter: DenoiserAdapter, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+    ) -> Plan:
+        from accel.plan import Plan, build_plan
+
+        sample = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("sample")
+        if sample is None:
+            sample = kwargs.get("hidden_states")
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            raise ValueError("the denoiser's first input is not a [batch, channels, height, width] latent.")
+        scale = int(getattr(self.pipe, "vae_scale_factor", 8) or 8)
+        height, width = int(sample.shape[-2]) * scale, int(sample.shape[-1]) * scale
+        if self.loaded is not None:
+            self.loaded.validate_for(
+                self.model, height=height, width=width, batch=batch, devices=self.world, check_weights=False
+            )
+            return self.loaded
+        text = kwargs.get("encoder_hidden_states")
+        text_len = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.dim() == 3 else None
+        key = (height, width, batch, text_len, sample.dtype, sample.device)
+        plan = self.made.get(key)
+        if plan is not None:
+            return plan
+        payload: list[Any] = [None]
+        if self.rank == 0:
+            cpu = sample.device.type == "cpu"
+            made = build_plan(
+                self.model,
+                source={
+                    "kind": "folder",
+                    "path": str(getattr(self.pipe, "name_or_path", "") or "<in memory>"),
+                },
+                height=height,
+                width=width,
+                devices=self.world,
+                batch=batch,
+                vae_scale_factor=scale,
+                text_len=text_len,
+                warmup=1 if cpu else 3,
+                repeat=3 if cpu else 10,
+                count_flops=False,
+            )
+            payload[0] = made.to_dict()
+        dist.broadcast_object_list(payload, src=0)
+        plan = Plan.from_dict(payload[0])
+        self.made[key] = plan
+        log.info("rank %d: planned %dx%d batch %d: stages %s", self.rank, height, width, batch, plan.stages)
+        return plan
 
 
 def unwrap(pipe: Any) -> Any:

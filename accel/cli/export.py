@@ -1,0 +1,79 @@
+"""``accel export``: compile every stage of a plan once and write the engine files + manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from accel.cli.app import app
+
+
+@app.command("export")
+def export(
+    plan_file: Path = typer.Argument(..., help="A plan file written by `accel plan`."),
+    backend: str = typer.Option("aot", "--backend", "-b", help="aot, inductor, onnx or tensorrt."),
+    output: Path = typer.Option(Path("engines"), "--output", "-o", help="The engine directory to write."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Recompile engines even if fitting ones exist."),
+    device: str = typer.Option(
+        None, "--device", help="cuda or cpu (default: the plan's device type when available, else cpu)."
+    ),
+) -> None:
+    """Compile each stage of each phase of the plan and save it as an engine file (reused by `accel run`)."""
+    import torch
+
+    from accel.cli.plan import load_denoiser
+    from accel.compile.backends import EXPORT_BACKENDS, BackendError, get_backend
+    from accel.compile.engines import StageJob, export_plan
+    from accel.compile.store import EngineError
+    from accel.plan import PlanError, load_plan
+    from accel.settings import PRECISIONS
+
+    console = Console(stderr=True)
+    if backend not in EXPORT_BACKENDS:
+        raise typer.BadParameter(f"--backend {backend!r} is not one of {', '.join(EXPORT_BACKENDS)}.")
+    impl = get_backend(backend)
+    reason = impl.available()
+    if reason is not None:
+        console.print(f"[red]error:[/red] backend {backend!r} is unavailable: {reason}")
+        raise typer.Exit(1)
+    try:
+        plan = load_plan(plan_file)
+    except PlanError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if device is None:
+        device = plan.device_type if plan.device_type != "cuda" or torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise typer.BadParameter(f"--device {device!r} is not cuda or cpu.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda: no CUDA device is available here; use --device cpu.")
+
+    denoiser, _ = load_denoiser(plan.source, dtype=PRECISIONS[plan.dtype], device=device)
+    try:
+        plan.validate_for(denoiser)
+    except PlanError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+    columns: tuple[Any, ...] = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_stage(job: StageJob, event: str) -> None:
+            if event == "start":
+                tasks[job.key] = progress.add_task(f"{backend} {job.key}", total=1)
+            else:
+                progress.update(tasks[job.key], completed=1)
+
+        try:
+            with torch.no_grad():
+                records = export_plan(plan, denoiser, impl, output, rebuild=rebuild, on_stage=on_stage)
+        except (EngineError, BackendError, ValueError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+    total = sum(r.size for r in records)
+    console.print(f"wrote {len(records)} engine(s), {total / 1e6:.1f} MB, to {output} (manifest.json)")

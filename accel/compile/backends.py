@@ -1,0 +1,470 @@
+"""Compile backends behind one interface: ``eager``, ``inductor``, ``aot``, ``onnx``, ``tensorrt``.
+
+>>> backend = get_backend("aot")
+>>> backend.available()                       # None: usable; else why not and how to fix it
+>>> fn = backend.compile(stage, example_inputs)            # an in-memory compiled callable
+>>> backend.export(stage, example_inputs, "engines/s0.pt2")   # an engine file ...
+>>> fn = backend.load("engines/s0.pt2", module=stage)          # ... loaded in a later run
+
+Every callable takes the stage's flat input tensors and returns a tuple of output tensors (see
+:mod:`accel.compile.stage`). :func:`compile_stage` wraps ``compile`` with the per-stage fallback: a
+failure becomes a warning naming the stage and the eager module is used, unless ``strict=True``.
+
+Engine files can contain executable code (AOTInductor packages hold shared libraries; inductor cache
+artifacts hold generated code): load them only from a directory you trust. :mod:`accel.compile.store`
+adds checksums, fingerprints and version checks on top.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+StageCallable = Callable[..., Any]
+
+TENSORRT_INSTALL = (
+    "pip install 'accel[tensorrt]' (torch-tensorrt; it needs a CUDA build of torch and the torch-tensorrt "
+    "release made for your torch minor version)"
+)
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be used, or compiling / exporting / loading a stage failed."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend is not installed or cannot run here; the message says why and how to fix it."""
+
+
+def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    return tuple(out)
+
+
+def _atomic_target(path: str | os.PathLike[str]) -> tuple[Path, str]:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    return target, tmp
+
+
+def _finish_atomic(tmp: str, target: Path) -> Path:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    return target
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class Backend(ABC):
+    """One way to turn a stage module into a fast callable, and (for most) into an engine file."""
+
+    name: str = ""
+    #: file suffix of this backend's engine files
+    suffix: str = ".bin"
+    #: True when ``load`` needs the stage module (the file holds no weights / no graph)
+    needs_module: bool = False
+
+    def available(self) -> str | None:
+        """``None`` when the backend can be used here; otherwise the reason and the fix."""
+        return None
+
+    def check_available(self) -> None:
+        reason = self.available()
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {self.name!r} is unavailable: {reason}")
+
+    def version(self) -> str | None:
+        """Version of the library doing the compiling (recorded in manifests)."""
+        return torch.__version__
+
+    @abstractmethod
+    def compile(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
+    ) -> StageCallable:
+        """An in-memory callable equal to ``module`` on inputs shaped like ``example_inputs``."""
+
+    @abstractmethod
+    def export(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike[str]
+    ) -> Path:
+        """Compile ``module`` into one engine file at ``path`` (written atomically); returns the path."""
+
+    @abstractmethod
+    def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
+        """A callable from an engine file written by :meth:`export` (``module``: see ``needs_module``)."""
+
+    def __repr__(self) -> str:
+        return f"<accel backend {self.name!r}>"
+
+
+class EagerBackend(Backend):
+    """No compilation: the stage module itself. Its engine file only records the stage signature."""
+
+    name = "eager"
+    suffix = ".json"
+    needs_module = True
+
+    def compile(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
+    ) -> StageCallable:
+        return module
+
+    def export(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike[str]
+    ) -> Path:
+        import json
+
+        target, tmp = _atomic_target(path)
+        signature = getattr(module, "graph_signature", None)
+        text = signature() if callable(signature) else json.dumps({"module": type(module).__name__})
+        Path(tmp).write_text(text + "\n", encoding="utf-8")
+        return _finish_atomic(tmp, target)
+
+    def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
+        if module is None:
+            raise BackendError("the eager backend runs the stage module itself: pass module=.")
+        return module
+
+
+class InductorBackend(Backend):
+    """``torch.compile`` (inductor). On CUDA, mode ``"reduce-overhead"`` replays CUDA graphs.
+
+    ``export`` compiles, runs once and saves inductor's portable cache artifacts
+    (``torch.compiler.save_cache_artifacts``); ``load`` installs them and compiles ``module`` again,
+    which then hits the cache instead of generating code. The module is needed: the file holds no weights.
+    """
+
+    name = "inductor"
+    suffix = ".inductor"
+    needs_module = True
+
+    def __init__(self, mode: str | None = None, regional: bool = False) -> None:
+        self.mode = mode
+        self.regional = regional
+
+    def _mode(self, example_inputs: Sequence[torch.Tensor]) -> str | None:
+        if self.mode is not None:
+            return self.mode
+        on_cuda = any(t.device.type == "cuda" for t in example_inputs)
+        return "reduce-overhead" if on_cuda else None
+
+    def compile(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
+    ) -> StageCallable:
+        mode = self._mode(example_inputs)
+        repeated = _repeated_blocks(module) if self.regional else []
+        if repeated:
+            # Regional compilation: each repeated block compiles once and is reused (shorter cold start).
+            for block in repeated:
+                block.compile(mode=mode, fullgraph=strict, dynamic=False)
+            return module
+        return torch.compile(module, mode=mode, fullgraph=strict, dynamic=False)
+
+    def export(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike[str]
+    ) -> Path:
+        fn = self.compile(module, example_inputs, strict=True)
+        with torch.no_grad():
+            fn(*example_inputs)
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            raise BackendError("inductor produced no cache artifacts to save (was the stage compiled?).")
+        blob, _info = saved
+        target, tmp = _atomic_target(path)
+        Path(tmp).write_bytes(blob)
+        return _finish_atomic(tmp, target)
+
+    def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
+        if module is None:
+            raise BackendError("the inductor backend compiles the stage module from its cache: pass module=.")
+        torch.compiler.load_cache_artifacts(Path(path).read_bytes())
+        on_cuda = any(p.device.type == "cuda" for p in module.parameters())
+        mode = self.mode if self.mode is not None else ("reduce-overhead" if on_cuda else None)
+        return torch.compile(module, mode=mode, dynamic=False)
+
+
+def _repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Blocks listed in diffusers' ``_repeated_blocks`` (transformer blocks), for regional compilation."""
+    model = getattr(module, "model", module)
+    names = set(getattr(model, "_repeated_blocks", ()) or ())
+    if not names:
+        return []
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+class AOTBackend(Backend):
+    """``torch.export`` + AOTInductor: one ``.pt2`` package per stage (code and weights), no Python graph."""
+
+    name = "aot"
+    suffix = ".pt2"
+
+    def _exported(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(example_inputs), strict=False)
+
+    def compile(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
+    ) -> StageCallable:
+        # Keep the package until the callable is gone (the loader may read it lazily).
+        tmp = tempfile.mkdtemp(prefix="accel-aot-")
+        try:
+            fn = self.load(self.export(module, example_inputs, Path(tmp) / "stage.pt2"))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        weakref.finalize(fn, shutil.rmtree, tmp, ignore_errors=True)
+        return fn
+
+    def export(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike[str]
+    ) -> Path:
+        import torch._inductor
+
+        program = self._exported(module, example_inputs)
+        target, tmp = _atomic_target(path)
+        Path(tmp).unlink()
+        tmp = tmp.removesuffix(".tmp") + ".pt2"  # AOTInductor wants a .pt2 name
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            return _finish_atomic(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
+        import torch._inductor
+
+        runner = torch._inductor.aoti_load_package(str(path))
+
+        def call(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return _as_tuple(runner(*tensors))
+
+        return call
+
+
+class OnnxBackend(Backend):
+    """``torch.onnx.export`` (dynamo exporter) run with onnxruntime; checked against eager at export."""
+
+    name = "onnx"
+    suffix = ".onnx"
+
+    def __init__(self, check_tolerance: float | None = 1e-3) -> None:
+        self.check_tolerance = check_tolerance
+
+    def available(self) -> str | None:
+        for mod, extra in (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxscript", "onnxscript")):
+            if importlib.util.find_spec(mod) is None:
+                return f"{mod} is not installed; pip install 'accel[onnx]' (or {extra})."
+        return None
+
+    def version(self) -> str | None:
+        return _version("onnxruntime")
+
+    def compile(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
+    ) -> StageCallable:
+        self.check_available()
+        with tempfile.TemporaryDirectory(prefix="accel-onnx-") as tmp:
+            path = self.export(module, example_inputs, Path(tmp) / "stage.onnx")
+            return self.load(path)
+
+    def export(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike[str]
+    ) -> Path:
+        self.check_available()
+        names = list(getattr(module, "input_names", ())) or [f"input_{i}" for i in range(len(example_inputs))]
+        target, tmp = _atomic_target(path)
+        Path(tmp).unlink()
+        tmp = tmp.removesuffix(".tmp") + ".onnx"
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module,
+                    tuple(example_inputs),
+                    tmp,
+                    input_names=[n.replace(".", "_") for n in names],
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                )
+            if self.check_tolerance is not None:
+                self._check(module, example_inputs, tmp)
+            return _finish_atomic(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _check(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str) -> None:
+        with torch.no_grad():
+            expected = _as_tuple(module(*example_inputs))
+        got = self.load(path)(*example_inputs)
+        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+            err = (e.float() - g.float()).abs().max().item() if e.numel() else 0.0
+            if err > self.check_tolerance:  # type: ignore[operator]
+                raise BackendError(
+                    f"onnxruntime output {i} differs from eager by {err:.3g} (> {self.check_tolerance}); "
+                    "the ONNX export is wrong for this stage."
+                )
+
+    def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
+        self.check_available()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        # Spinning worker threads otherwise steal every core between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), sess_options=options, providers=_onnx_providers(ort))
+        input_names = [i.name for i in session.get_inputs()]
+
+        def call(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            feed = {n: t.detach().cpu().numpy() for n, t in zip(input_names, tensors, strict=True)}
+            device = tensors[0].device if tensors else torch.device("cpu")
+            return tuple(torch.from_numpy(o).to(device) for o in session.run(None, feed))
+
+        return call
+
+
+def _onnx_providers(ort: Any) -> list[str]:
+    available = ort.get_available_providers()
+    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return wanted or list(available)
+
+
+class TensorRTBackend(Backend):
+    """torch-tensorrt (optional extra): ``torch_tensorrt.compile`` / ``save`` / ``load`` of an export.
+
+    The TensorRT library needs a CUDA build of torch; ``available()`` says what is missing.
+    """
+
+    name = "tensorrt"
+    suffix = ".ep"
+    module_name = "torch_tensorrt"
+
+    def _module(self) -> Any:
+        try:
+            return importlib.import_module(self.module_name)
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"backend 'tensorrt' is unavailable: cannot import {self.module_name} ({exc}). "
+                f"Install it with {TENSORRT_INSTALL}."
+            ) from exc
+
+    def available(self) -> str | None:
+        try:
+            self._module()
+        except BackendUnavailableError as exc:
+            return str(exc).removeprefix("backend 'tensorrt' is unavailable: ")
+        if not torch.cuda.is_available():
+            return (
+                f"TensorRT needs a CUDA device and a CUDA build of torch (this torch is {torch.__version__})."
+            )
+        return None
+
+    def version(self) -> str | None:
+        return getattr(self._module(), "__version__", None)
+
+    def compile(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
+    ) -> StageCallable:
+        self.check_available()
+        trt = self._module()
+        with torch.no_grad():
+            return trt.compile(module, ir="dynamo", inputs=list(example_inputs), min_block_size=1)
+
+    def export(
+        self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike[str]
+    ) -> Path:
+        trt = self._module()
+        compiled = self.compile(module, example_inputs, strict=True)
+        target, tmp = _atomic_target(path)
+        Path(tmp).unlink()
+        tmp = tmp.removesuffix(".tmp") + self.suffix
+        try:
+            trt.save(compiled, tmp, inputs=list(example_inputs))
+            return _finish_atomic(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
+        self.check_available()
+        loaded = self._module().load(str(path))
+        runner = loaded.module() if hasattr(loaded, "module") else loaded
+
+        def call(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return _as_tuple(runner(*tensors))
+
+        return call
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {
+    "eager": EagerBackend,
+    "inductor": InductorBackend,
+    "aot": AOTBackend,
+    "onnx": OnnxBackend,
+    "tensorrt": TensorRTBackend,
+}
+BACKEND_NAMES: tuple[str, ...] = tuple(_BACKENDS)
+#: backends whose ``export`` writes a self-contained engine file usable by ``accel export``
+EXPORT_BACKENDS: tuple[str, ...] = ("aot", "inductor", "onnx", "tensorrt")
+
+
+def get_backend(name: str | Backend) -> Backend:
+    """The backend called ``name`` (a :class:`Backend` instance is returned as is)."""
+    if isinstance(name, Backend):
+        return name
+    factory = _BACKENDS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown compile backend {name!r}; valid backends: {', '.join(BACKEND_NAMES)}.")
+    return factory()
+
+
+def compile_stage(
+    backend: str | Backend,
+    module: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    stage: str,
+    strict: bool = False,
+) -> StageCallable:
+    """``backend.compile`` with the per-stage fallback: on failure warn (naming ``stage``) and run eager.
+
+    With ``strict=True`` the failure is raised as a :class:`BackendError` naming the stage.
+    """
+    impl = get_backend(backend)
+    try:
+        impl.check_available()
+        return impl.compile(module, example_inputs, strict=strict)
+    except Exception as exc:
+        message = f"stage {stage}: backend {impl.name!r} failed ({type(exc).__name__}: {exc})"
+        if strict:
+            raise BackendError(message + "; strict=True, so not falling back to eager.") from exc
+        warnings.warn(message + "; running this stage eagerly.", RuntimeWarning, stacklevel=2)
+        logger.warning("%s; running this stage eagerly.", message)
+        return module

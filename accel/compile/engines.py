@@ -1,0 +1,98 @@
+"""Which stage callables a plan needs, under which engine keys, and exporting / loading them all.
+
+For every shape bucket ``(height, width, batch)`` of a plan there is one whole-denoiser stage for the CFG
+phase (key ``cfg.full.<H>x<W>.b<B>``) and, for a plan with more than one device, one stage per unit
+segment of each device's window stage (key ``window.s<k>.u<lo>-<hi>.<H>x<W>.b<B>``). ``batch`` is the
+per-branch batch the plan was profiled with (one guidance branch per device in the CFG phase).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from accel.compile.backends import Backend, StageCallable, get_backend
+from accel.compile.stage import StageModule, build_stage
+from accel.compile.store import EngineRecord, EngineStore
+from accel.models import adapt
+
+
+@dataclass
+class StageJob:
+    """One stage to compile: its engine key, the stage module and example inputs at its shape."""
+
+    key: str
+    phase: str
+    module: StageModule
+    example_inputs: tuple[torch.Tensor, ...]
+
+
+def stage_jobs(plan: Any, model: torch.nn.Module) -> Iterator[StageJob]:
+    """The stages of ``plan`` (an :class:`accel.plan.Plan`) for ``model``, bucket by bucket."""
+    from accel.models.base import parameter_placement
+
+    placement = parameter_placement(model)
+    if placement is None:
+        raise ValueError(f"{type(model).__name__} has no floating-point parameters.")
+    device, dtype = placement
+    adapter = adapt(model)
+    text_len = plan.profile.get("text_len")
+    vae_scale_factor = int(plan.profile.get("vae_scale_factor", 8))
+    for height, width in plan.resolutions:
+        for batch in plan.batches:
+            bucket = f"{height}x{width}.b{batch}"
+            args, kwargs = adapter.example_inputs(
+                batch=batch,
+                height=height,
+                width=width,
+                dtype=dtype,
+                device=device,
+                text_len=text_len,
+                vae_scale_factor=vae_scale_factor,
+            )
+            module, inputs = build_stage(adapter, 0, len(adapter.units), args, kwargs, whole=True)
+            yield StageJob(f"cfg.full.{bucket}", "cfg", module, inputs)
+            if plan.devices < 2:
+                continue
+            for k, stage in enumerate(plan.stages):
+                for lo, hi in stage.segments:
+                    module, inputs = build_stage(adapter, lo, hi, args, kwargs)
+                    yield StageJob(f"window.s{k}.u{lo}-{hi}.{bucket}", "window", module, inputs)
+
+
+def export_plan(
+    plan: Any,
+    model: torch.nn.Module,
+    backend: str | Backend,
+    directory: Any,
+    *,
+    rebuild: bool = False,
+    on_stage: Callable[[StageJob, str], None] | None = None,
+) -> list[EngineRecord]:
+    """Export every stage of ``plan`` into the engine directory; ``on_stage(job, "start"|"done")``."""
+    store = EngineStore(directory)
+    impl = get_backend(backend)
+    impl.check_available()
+    records = []
+    for job in stage_jobs(plan, model):
+        if on_stage is not None:
+            on_stage(job, "start")
+        records.append(store.export(job.key, impl, job.module, job.example_inputs, rebuild=rebuild))
+        if on_stage is not None:
+            on_stage(job, "done")
+    return records
+
+
+def load_plan_engines(
+    plan: Any, model: torch.nn.Module, backend: str | Backend, directory: Any, *, rebuild: bool = False
+) -> dict[str, tuple[StageModule, StageCallable]]:
+    """Every stage of ``plan`` as ``key -> (stage module, loaded callable)``, validated before loading."""
+    store = EngineStore(directory)
+    impl = get_backend(backend)
+    return {
+        job.key: (job.module, store.load(job.key, impl, job.module, job.example_inputs, rebuild=rebuild))
+        for job in stage_jobs(plan, model)
+    }

@@ -1,0 +1,362 @@
+"""Engine directory: one file per (phase, stage, shape bucket) plus ``manifest.json``.
+
+>>> store = EngineStore("engines/")
+>>> store.export("window.s0.u0-4.128x128.b1", "aot", stage, example_inputs)   # compiles once
+>>> fn = store.load("window.s0.u0-4.128x128.b1", "aot", stage, example_inputs)  # validated, no compile
+
+Each manifest entry records the backend, the file's sha256 and size, the stage's graph fingerprint
+(structure, parameter shapes and inputs; independent of weight values), the weights fingerprint
+(:func:`accel.plan.weights_fingerprint`), the input shapes/dtypes, the device type and CUDA compute
+capability, and the torch / diffusers / backend versions. :meth:`EngineStore.validate` checks all of
+them before anything is loaded and refuses with every reason; ``rebuild=True`` recompiles instead.
+Writes are atomic (temp file + ``os.replace``) and exports hold a file lock (``fcntl.flock``).
+
+Engine files can contain executable code (shared libraries, generated code): load only from a
+directory you created or trust. Nothing here uses pickle; no ``torch.load`` is involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accel.compile.backends import Backend, StageCallable, get_backend
+from accel.compile.stage import TensorSpec
+from accel.models.base import dtype_name
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+FORMAT_VERSION = 1
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class EngineError(RuntimeError):
+    """An engine cannot be used (or written); the message gives every reason and the fix."""
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """One manifest entry (see the module docstring)."""
+
+    key: str
+    file: str
+    backend: str
+    sha256: str
+    size: int
+    graph_fingerprint: str
+    weights_fingerprint: str
+    inputs: list[dict[str, Any]]
+    device_type: str
+    compute_capability: str | None
+    versions: dict[str, str | None]
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineRecord:
+        names = {f for f in cls.__dataclass_fields__}
+        missing = sorted(n for n in names - set(data) if n not in ("created", "extra"))
+        if missing:
+            raise EngineError(f"manifest entry {data.get('key')!r} lacks {', '.join(missing)}; re-export.")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# -- identities ---------------------------------------------------------------------------------------
+def input_specs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """Name, shape and dtype of every input (names from the stage module when it has them)."""
+    names = list(getattr(module, "input_names", ())) or [f"input_{i}" for i in range(len(example_inputs))]
+    return [TensorSpec.of(n, t).to_dict() for n, t in zip(names, example_inputs, strict=True)]
+
+
+def graph_fingerprint(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> str:
+    """Hash of the stage's structure: module tree, parameter names/shapes/dtypes and inputs, no values."""
+    signature = getattr(module, "graph_signature", None)
+    if callable(signature):
+        text = signature()
+    else:
+        blob = {
+            "modules": [f"{n}:{type(m).__name__}" for n, m in module.named_modules()],
+            "parameters": [(n, list(p.shape), dtype_name(p.dtype)) for n, p in module.named_parameters()],
+            "buffers": [(n, list(b.shape), dtype_name(b.dtype)) for n, b in module.named_buffers()],
+            "inputs": input_specs(module, example_inputs),
+        }
+        text = json.dumps(blob, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def module_weights_fingerprint(module: torch.nn.Module) -> str:
+    """The weights fingerprint of the stage's model (equal to the plan's for a stage module)."""
+    from accel.plan import weights_fingerprint
+
+    return weights_fingerprint(getattr(module, "model", module))
+
+
+def device_of(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> torch.device:
+    for tensor in (*example_inputs, *module.parameters()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def compute_capability(device: torch.device) -> str | None:
+    """``"sm_90"`` for a CUDA device, ``None`` elsewhere."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def versions(backend: Backend) -> dict[str, str | None]:
+    try:
+        import diffusers
+
+        diffusers_version: str | None = diffusers.__version__
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        diffusers_version = None
+    return {"torch": torch.__version__, "diffusers": diffusers_version, backend.name: backend.version()}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class EngineStore:
+    """An engine directory the user named (nothing is ever loaded from anywhere else)."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, lock_timeout: float = 600.0) -> None:
+        self.directory = Path(directory)
+        self.lock_timeout = lock_timeout
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    # -- manifest -----------------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any]:
+        """The manifest (an empty one when the directory has none yet)."""
+        path = self.manifest_path
+        if not path.exists():
+            return {"format": FORMAT_VERSION, "engines": {}}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EngineError(
+                f"{path} is not valid JSON ({exc}); the manifest is truncated or corrupt. Re-export with "
+                "`accel export ... --rebuild`."
+            ) from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            raise EngineError(
+                f"{path} has manifest format {data.get('format') if isinstance(data, dict) else None!r}, this "
+                f"accel reads format {FORMAT_VERSION}; re-export with `accel export ... --rebuild`."
+            )
+        if not isinstance(data.get("engines"), dict):
+            raise EngineError(f"{path} has no 'engines' table; re-export with `accel export ... --rebuild`.")
+        return data
+
+    def records(self) -> dict[str, EngineRecord]:
+        return {k: EngineRecord.from_dict(v) for k, v in self.read_manifest()["engines"].items()}
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive lock on the directory (one export at a time); ``EngineError`` after the timeout."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / LOCK
+        with open(path, "a+") as handle:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise EngineError(
+                            f"another export has held the lock {path} for more than {self.lock_timeout:g} s; "
+                            "wait for it to finish (or pass a longer lock timeout)."
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    # -- checks -------------------------------------------------------------------------------------
+    def expected(
+        self, backend: Backend, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
+    ) -> dict[str, Any]:
+        """What a fitting record must say for this backend, stage and inputs, in this environment."""
+        return {
+            "backend": backend.name,
+            "graph_fingerprint": graph_fingerprint(module, example_inputs),
+            "weights_fingerprint": module_weights_fingerprint(module),
+            "inputs": input_specs(module, example_inputs),
+            "device_type": device_of(module, example_inputs).type,
+            "compute_capability": compute_capability(device_of(module, example_inputs)),
+            "versions": versions(backend),
+        }
+
+    def problems(
+        self,
+        key: str,
+        backend: str | Backend,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+    ) -> list[str]:
+        """Every reason the engine ``key`` cannot be used for this stage here (empty: it fits)."""
+        impl = get_backend(backend)
+        engines = self.read_manifest()["engines"]
+        if key not in engines:
+            return [f"no engine {key!r} in {self.manifest_path}"]
+        record = EngineRecord.from_dict(engines[key])
+        want = self.expected(impl, module, example_inputs)
+        problems: list[str] = []
+        if record.backend != want["backend"]:
+            problems.append(f"built with backend {record.backend!r}, this run uses {want['backend']!r}")
+        if record.weights_fingerprint != want["weights_fingerprint"]:
+            problems.append("built for other weights (weights fingerprint differs)")
+        if record.inputs != want["inputs"]:
+            problems.append(f"shapes differ: {_shape_diff(record.inputs, want['inputs'])}")
+        elif record.graph_fingerprint != want["graph_fingerprint"]:
+            problems.append(
+                "the stage's graph differs (other model structure, unit range or fixed arguments)"
+            )
+        if record.device_type != want["device_type"]:
+            problems.append(f"built for {record.device_type}, this run is on {want['device_type']}")
+        elif record.compute_capability != want["compute_capability"]:
+            problems.append(f"built for {record.compute_capability}, this is {want['compute_capability']}")
+        for lib, version in want["versions"].items():
+            built = record.versions.get(lib)
+            if built != version:
+                problems.append(f"built with {lib} {built}, this is {version}")
+        path = self.directory / record.file
+        if Path(record.file).name != record.file:
+            problems.append(f"the manifest names file {record.file!r} outside the engine directory")
+        elif not path.is_file():
+            problems.append(f"file {path} is missing")
+        else:
+            size = path.stat().st_size
+            if size < record.size:
+                problems.append(f"file {path} truncated ({size} of {record.size} bytes): checksum mismatch")
+            elif sha256_file(path) != record.sha256:
+                problems.append(f"file {path} edited: checksum mismatch")
+        return problems
+
+    def validate(
+        self,
+        key: str,
+        backend: str | Backend,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+    ) -> EngineRecord:
+        """The record of engine ``key`` if it fits this stage here; otherwise ``EngineError`` with reasons."""
+        problems = self.problems(key, backend, module, example_inputs)
+        if problems:
+            raise EngineError(
+                f"engine {key!r} in {self.directory} cannot be used: "
+                + "; ".join(problems)
+                + ". Fix: re-export (`accel export PLAN --backend ... --rebuild`) or pass rebuild=True."
+            )
+        return self.records()[key]
+
+    # -- export / load ------------------------------------------------------------------------------
+    def export(
+        self,
+        key: str,
+        backend: str | Backend,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        rebuild: bool = False,
+    ) -> EngineRecord:
+        """Write the engine for ``key`` (unless a fitting one exists and ``rebuild`` is False)."""
+        if not _KEY.match(key):
+            raise ValueError(f"engine key {key!r} must match {_KEY.pattern} (it names a file).")
+        impl = get_backend(backend)
+        impl.check_available()
+        with self.lock():
+            if not rebuild and not self.problems(key, impl, module, example_inputs):
+                return self.records()[key]
+            want = self.expected(impl, module, example_inputs)
+            name = f"{key}.{impl.name}{impl.suffix}"
+            path = impl.export(module, example_inputs, self.directory / name)
+            record = EngineRecord(
+                key=key,
+                file=name,
+                sha256=sha256_file(path),
+                size=path.stat().st_size,
+                created=_now(),
+                **want,
+            )
+            manifest = self.read_manifest()
+            manifest["engines"][key] = asdict(record)
+            _write_atomic(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            return record
+
+    def load(
+        self,
+        key: str,
+        backend: str | Backend,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        rebuild: bool = False,
+    ) -> StageCallable:
+        """The validated engine ``key`` as a callable; ``rebuild=True`` re-exports one that does not fit."""
+        impl = get_backend(backend)
+        impl.check_available()
+        if rebuild:
+            self.export(key, impl, module, example_inputs)  # re-exports only what does not fit
+        record = self.validate(key, impl, module, example_inputs)
+        return impl.load(self.directory / record.file, module=module)
+
+
+def _shape_diff(built: list[dict[str, Any]], wanted: list[dict[str, Any]]) -> str:
+    b = {s["name"]: (tuple(s["shape"]), s["dtype"]) for s in built}
+    w = {s["name"]: (tuple(s["shape"]), s["dtype"]) for s in wanted}
+    parts = []
+    for name in dict.fromkeys([*b, *w]):
+        if b.get(name) != w.get(name):
+            parts.append(f"{name} built {_fmt(b.get(name))}, now {_fmt(w.get(name))}")
+    return ", ".join(parts) or "input order differs"
+
+
+def _fmt(spec: tuple[tuple[int, ...], str] | None) -> str:
+    if spec is None:
+        return "absent"
+    shape, dtype = spec
+    return f"{list(shape)} {dtype}"
