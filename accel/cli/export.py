@@ -22,7 +22,7 @@ def export(
         None, "--device", help="cuda or cpu (default: the plan's device type when available, else cpu)."
     ),
 ) -> None:
-    """Compile each stage of each phase of the plan and save it as an engine file (reused by `accel run`)."""
+    """Compile each stage of each phase of the plan and save it as an engine file in an engine directory."""
     import torch
 
     from accel.cli.plan import load_denoiser
