@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from accel.atomic import atomic_path, write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 StageCallable = Callable[..., Any]
@@ -55,21 +57,6 @@ def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(out, torch.Tensor):
         return (out,)
     return tuple(out)
-
-
-def _atomic_target(path: str | os.PathLike[str]) -> tuple[Path, str]:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    return target, tmp
-
-
-def _finish_atomic(tmp: str, target: Path) -> Path:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    return target
 
 
 def _version(dist: str) -> str | None:
@@ -138,11 +125,9 @@ class EagerBackend(Backend):
     ) -> Path:
         import json
 
-        target, tmp = _atomic_target(path)
         signature = getattr(module, "graph_signature", None)
         text = signature() if callable(signature) else json.dumps({"module": type(module).__name__})
-        Path(tmp).write_text(text + "\n", encoding="utf-8")
-        return _finish_atomic(tmp, target)
+        return write_text_atomic(path, text + "\n")
 
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
         if module is None:
@@ -194,9 +179,9 @@ class InductorBackend(Backend):
         if saved is None:
             raise BackendError("inductor produced no cache artifacts to save (was the stage compiled?).")
         blob, _info = saved
-        target, tmp = _atomic_target(path)
-        Path(tmp).write_bytes(blob)
-        return _finish_atomic(tmp, target)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(blob)
+        return Path(path)
 
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
         if module is None:
@@ -245,15 +230,9 @@ class AOTBackend(Backend):
         import torch._inductor
 
         program = self._exported(module, example_inputs)
-        target, tmp = _atomic_target(path)
-        Path(tmp).unlink()
-        tmp = tmp.removesuffix(".tmp") + ".pt2"  # AOTInductor wants a .pt2 name
-        try:
+        with atomic_path(path, suffix=".pt2") as tmp:  # AOTInductor wants a .pt2 name
             torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-            return _finish_atomic(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return Path(path)
 
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
         import torch._inductor
@@ -297,10 +276,7 @@ class OnnxBackend(Backend):
     ) -> Path:
         self.check_available()
         names = list(getattr(module, "input_names", ())) or [f"input_{i}" for i in range(len(example_inputs))]
-        target, tmp = _atomic_target(path)
-        Path(tmp).unlink()
-        tmp = tmp.removesuffix(".tmp") + ".onnx"
-        try:
+        with atomic_path(path, suffix=".onnx") as tmp:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
@@ -314,10 +290,7 @@ class OnnxBackend(Backend):
                 )
             if self.check_tolerance is not None:
                 self._check(module, example_inputs, tmp)
-            return _finish_atomic(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return Path(path)
 
     def _check(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str) -> None:
         with torch.no_grad():
@@ -402,15 +375,9 @@ class TensorRTBackend(Backend):
     ) -> Path:
         trt = self._module()
         compiled = self.compile(module, example_inputs, strict=True)
-        target, tmp = _atomic_target(path)
-        Path(tmp).unlink()
-        tmp = tmp.removesuffix(".tmp") + self.suffix
-        try:
+        with atomic_path(path, suffix=self.suffix) as tmp:
             trt.save(compiled, tmp, inputs=list(example_inputs))
-            return _finish_atomic(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return Path(path)
 
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
         self.check_available()
