@@ -20,11 +20,13 @@ import torch
 import torch.distributed as dist
 
 from accel.runtime.comm import Communicator, FailureMonitor
+from accel.runtime.groups import GroupLayout
 from accel.settings import PIPELINE_SETTINGS, AccelSettings, SettingsError
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
+    from accel.compile.runner import StageRunner
     from accel.wrapper import AcceleratedPipeline
 
 log = logging.getLogger(__name__)
@@ -50,11 +52,14 @@ class Accelerator:
     def __init__(self, *, settings: AccelSettings | None = None, **kwargs: Any) -> None:
         if settings is not None and kwargs:
             raise SettingsError("pass either settings=AccelSettings(...) or keyword settings, not both.")
-        self.settings = settings if settings is not None else AccelSettings(**kwargs)
+        self.settings = _launcher_layout(settings if settings is not None else AccelSettings(**kwargs))
         self._accelerator = _resolve_accelerator(self.settings)
         self._fabric: Fabric | None = None
         self._comm: Communicator | None = None
         self._monitor: FailureMonitor | None = None
+        # Compiled stages per (denoiser, backend, engines, strict): wrapping the same pipeline again (other
+        # strategy or window guidance) reuses them instead of compiling again.
+        self._runners: dict[tuple[int, str, str | None, bool], tuple[torch.nn.Module, StageRunner]] = {}
 
     # -- launching ----------------------------------------------------------------------------------
 
@@ -69,14 +74,23 @@ class Accelerator:
         Without ``function``: join the process group of an external launcher (torchrun, ``accel run``),
         or, in a plain ``python script.py`` with ``devices > 1``, re-run the script once per extra device.
         With ``function``: spawn ``devices`` processes, each calling ``function(accelerator, *args,
-        **kwargs)`` with its own launched Accelerator; returns rank 0's result.
+        **kwargs)`` with its own launched Accelerator; returns rank 0's result. Under an external launcher
+        the processes exist already: this process joins and calls ``function`` itself, returning its own
+        result.
         """
-        if function is None:
+        external = _launcher_environment() is not None
+        if function is None or external:
             if self._fabric is None:
                 fabric = self._make_fabric(spawn=False)
                 fabric.launch()
                 self._attach(fabric)
-            return None
+            if function is None:
+                return None
+            try:
+                return function(self, *args, **kwargs)
+            except BaseException as exc:
+                self.report_failure(exc)
+                raise
         fabric = self._make_fabric(spawn=True)
         # Everything travels pickled: Lightning walks launch arguments and refuses frozen dataclasses.
         payload = pickle.dumps((self.settings, function, args, kwargs))
@@ -115,6 +129,10 @@ class Accelerator:
                 self._monitor.start()
             # The first collective: all ranks must agree on the settings before any work starts.
             self._comm.check_same("accel settings", f"{self.settings!r}")
+            # Once per Accelerator, not per call: group creation is collective and slow on NCCL.
+            self._comm.create_groups(self.settings.collective_timeout_s)
+            if self.rank == 0:
+                log.info("group layout: %s", self._comm.layout.describe())
         log.info("rank %d/%d on %s", self.rank, self.world_size, self.device)
 
     # -- properties ---------------------------------------------------------------------------------
@@ -143,6 +161,11 @@ class Accelerator:
     def comm(self) -> Communicator | None:
         """The communicator (``None`` with one process)."""
         return self._comm
+
+    @property
+    def layout(self) -> GroupLayout:
+        """The CFG group layout: ranks ``[0, k)`` run the unconditional branch, ``[k, 2k)`` the conditional."""
+        return GroupLayout(self.world_size)
 
     def report_failure(self, exc: BaseException) -> None:
         """Tell every other rank that this rank failed, so that they stop instead of waiting."""
@@ -183,9 +206,51 @@ class Accelerator:
             self.launch()
         return wrap_pipeline(pipe, self, settings)
 
+    def stage_runner(self, denoiser: torch.nn.Module, settings: AccelSettings) -> StageRunner:
+        """The compiled stage callables of ``denoiser`` for ``settings``' backend, shared by its wraps."""
+        from accel.compile.runner import StageRunner
+
+        key = (id(denoiser), settings.backend, settings.engines, settings.strict)
+        entry = self._runners.get(key)
+        if entry is None or entry[0] is not denoiser:
+            runner = StageRunner(settings.backend, engines=settings.engines, strict=settings.strict)
+            runner.backend.check_available()
+            entry = self._runners[key] = (denoiser, runner)
+        return entry[1]
+
     def __repr__(self) -> str:
         where = f"rank {self.rank}/{self.world_size} on {self.device}" if self.is_launched else "not launched"
         return f"Accelerator({self.settings!r}, {where})"
+
+
+def _launcher_environment() -> dict[str, int] | None:
+    from accel.launch import launched_environment
+
+    return launched_environment()
+
+
+def _launcher_layout(settings: AccelSettings) -> AccelSettings:
+    """Under an external launcher (``accel run``, torchrun) the processes exist already: their layout
+    decides ``devices`` and ``num_nodes``, so one script runs unchanged on any layout it is launched with."""
+    env = _launcher_environment()
+    if env is None:
+        return settings
+    local, world = env["local_world_size"], env["world_size"]
+    if world % local:
+        raise SettingsError(
+            f"the launcher started {world} processes with {local} on this node: accel needs the same number "
+            "of processes on every node (torchrun --nproc-per-node / accel run --devices)."
+        )
+    layout = (local, world // local)
+    if layout == (settings.devices, settings.num_nodes):
+        return settings
+    log.info(
+        "launched as %d process(es) per node on %d node(s); using that instead of devices=%d, num_nodes=%d",
+        *layout,
+        settings.devices,
+        settings.num_nodes,
+    )
+    return settings.replace(devices=layout[0], num_nodes=layout[1])
 
 
 def _resolve_accelerator(settings: AccelSettings) -> str:

@@ -112,17 +112,11 @@ def _inner_edges(edges: Sequence[TensorEdge], n_units: int) -> list[TensorEdge]:
     return [e for e in edges if 0 <= e.producer < e.consumer < n_units]
 
 
-def evaluate(
-    costs: Sequence[float] | np.ndarray,
-    stages: Sequence[Sequence[tuple[int, int]]],
-    edges: Sequence[TensorEdge] = (),
-    link_gbps: float = DEFAULT_LINK_GBPS,
-    layout: str = "chain",
-) -> Partition:
-    """Cost out a given assignment of unit segments to stages (also used to report any plan)."""
-    cost = np.asarray(costs, dtype=np.float64)
-    n_units = len(cost)
-    ms_per_byte = _ms_per_byte(link_gbps)
+def stage_owners(stages: Sequence[Sequence[tuple[int, int]]], n_units: int) -> list[int]:
+    """For each of ``n_units`` unit indices, the stage whose segments hold it.
+
+    Raises :class:`PartitionError` when a segment is empty or out of range, or a unit is in no stage or two.
+    """
     owner = [-1] * n_units
     for k, segments in enumerate(stages):
         for lo, hi in segments:
@@ -134,6 +128,21 @@ def evaluate(
                 owner[i] = k
     if -1 in owner:
         raise PartitionError(f"unit {owner.index(-1)} is in no stage.")
+    return owner
+
+
+def evaluate(
+    costs: Sequence[float] | np.ndarray,
+    stages: Sequence[Sequence[tuple[int, int]]],
+    edges: Sequence[TensorEdge] = (),
+    link_gbps: float = DEFAULT_LINK_GBPS,
+    layout: str = "chain",
+) -> Partition:
+    """Cost out a given assignment of unit segments to stages (also used to report any plan)."""
+    cost = np.asarray(costs, dtype=np.float64)
+    n_units = len(cost)
+    ms_per_byte = _ms_per_byte(link_gbps)
+    owner = stage_owners(stages, n_units)
     inner = _inner_edges(edges, n_units)
     boundary = [e for e in inner if owner[e.producer] != owner[e.consumer]]
     result: list[Stage] = []

@@ -18,15 +18,24 @@ Strategy = Literal["cfg", "hybrid"]
 WindowGuidance = Literal["reference", "cached", "off"]
 AcceleratorKind = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "fp16", "bf16"]
-Backend = Literal["eager"]
+Backend = Literal["eager", "inductor", "aot", "onnx", "tensorrt"]
 
 STRATEGIES: tuple[str, ...] = ("cfg", "hybrid")
 WINDOW_GUIDANCE: tuple[str, ...] = ("reference", "cached", "off")
 ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BACKENDS: tuple[str, ...] = ("eager",)
+BACKENDS: tuple[str, ...] = ("eager", "inductor", "aot", "onnx", "tensorrt")
 #: Settings that ``Accelerator.wrap(pipe, ...)`` / ``accel.wrap(pipe, accelerator=acc, ...)`` may override.
-PIPELINE_SETTINGS: tuple[str, ...] = ("strategy", "window_guidance", "schedule", "plan")
+PIPELINE_SETTINGS: tuple[str, ...] = (
+    "strategy",
+    "window_guidance",
+    "schedule",
+    "plan",
+    "backend",
+    "engines",
+    "strict",
+    "compile_vae",
+)
 
 
 class SettingsError(ValueError):
@@ -60,7 +69,15 @@ class AccelSettings:
         plan: a plan file (``accel plan ... -o FILE``) for ``strategy="hybrid"``; ``None`` profiles and
             partitions the denoiser on the first call at each shape.
         precision: cast the pipeline to this dtype on wrap; ``None`` keeps the pipeline's dtype.
-        backend: how each stage is compiled.
+        backend: how each stage (the whole denoiser in CFG steps, each rank's stage in the window, the VAE
+            decoder) runs: ``"eager"``, ``"inductor"`` (torch.compile; CUDA graphs on GPU), ``"aot"``
+            (torch.export + AOTInductor, replayed as a CUDA graph on GPU), ``"onnx"`` (onnxruntime) or
+            ``"tensorrt"`` (torch-tensorrt extra). Compiled on first use at each shape unless ``engines``.
+        engines: an engine directory written by ``accel export`` for this ``backend``; its stages are
+            validated (weights, shapes, versions, checksums) and loaded instead of compiled. A stage the
+            directory lacks is compiled in memory (or refused with ``strict``).
+        strict: raise when a stage fails to compile or load instead of running it eagerly with a warning.
+        compile_vae: also run the VAE decoder through ``backend`` (ignored for ``"eager"``).
         collective_timeout_s: a collective that waits longer than this fails instead of hanging.
     """
 
@@ -74,6 +91,9 @@ class AccelSettings:
     window_guidance: WindowGuidance = "cached"
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     plan: str | None = None
+    engines: str | None = None
+    strict: bool = False
+    compile_vae: bool = True
 
     def __post_init__(self) -> None:
         for name in ("devices", "num_nodes"):
@@ -95,6 +115,18 @@ class AccelSettings:
             if not isinstance(self.plan, str | os.PathLike):
                 raise SettingsError(f"plan must be a path to a plan file, got {self.plan!r}.")
             object.__setattr__(self, "plan", os.fspath(self.plan))
+        if self.engines is not None:
+            if not isinstance(self.engines, str | os.PathLike):
+                raise SettingsError(f"engines must be a path to an engine directory, got {self.engines!r}.")
+            object.__setattr__(self, "engines", os.fspath(self.engines))
+            if self.backend == "eager":
+                raise SettingsError(
+                    "engines= needs a compiled backend: pass the backend the directory was exported with "
+                    "(backend='aot', 'inductor', 'onnx' or 'tensorrt'; see the directory's manifest.json)."
+                )
+        for name in ("strict", "compile_vae"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if not self.collective_timeout_s > 0:
             raise SettingsError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s!r}.")
         world = self.world_size
@@ -105,9 +137,10 @@ class AccelSettings:
             )
         if self.strategy == "hybrid" and world not in (1, 2):
             raise SettingsError(
-                f"strategy='hybrid' runs on 2 devices for now; world size {world} (devices={self.devices} x "
-                f"num_nodes={self.num_nodes}) is not supported yet (4+ GPUs: k-way groups are a separate "
-                "feature). Use devices=2, or strategy='cfg' for any even count."
+                f"strategy='hybrid' pipelines the denoiser over 2 devices; world size {world} "
+                f"(devices={self.devices} x num_nodes={self.num_nodes}) has no k-stage window yet. Use "
+                f"strategy='cfg' on {world} devices (two CFG groups of {world // 2}, each splitting its "
+                "branch's batch or, for DiTs, its image tokens; exact), or devices=2 for the hybrid window."
             )
 
     @property

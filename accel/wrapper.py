@@ -22,6 +22,7 @@ from accel.runtime.pipeline import HybridHook
 
 if TYPE_CHECKING:
     from accel.accelerator import Accelerator
+    from accel.compile.runner import StageRunner
     from accel.models import DenoiserAdapter
     from accel.plan import Plan
     from accel.settings import AccelSettings
@@ -45,6 +46,8 @@ class CallReport:
     denoiser call to the next, no device syncs added), ``pipeline_bytes`` sent by this rank in the window
     (boundary tensors, hand-over and prediction; also counted in ``bytes_sent``), ``rates`` the branch gap
     ``r_i`` per step (NaN for pipelined steps), ``plan_seconds`` spent planning at a new shape.
+    ``compiled_stages``/``loaded_stages``/``eager_stages``: stage callables compiled in memory, loaded
+    from the engine directory, or left eager after a failure, since wrapping (compiled backends only).
     """
 
     rank: int
@@ -63,6 +66,9 @@ class CallReport:
     pipeline_bytes: int = 0
     rates: tuple[float, ...] = ()
     plan_seconds: float = 0.0
+    compiled_stages: int = 0
+    loaded_stages: int = 0
+    eager_stages: int = 0
 
 
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
@@ -94,12 +100,18 @@ class AcceleratedPipeline:
     """
 
     def __init__(
-        self, pipe: Any, accelerator: Accelerator, hook: CFGSplitHook | None, restore: _Restore
+        self,
+        pipe: Any,
+        accelerator: Accelerator,
+        hook: CFGSplitHook | None,
+        restore: list[_HookSite],
+        runner: StageRunner | None = None,
     ) -> None:
         object.__setattr__(self, "_pipe", pipe)
         object.__setattr__(self, "_accelerator", accelerator)
         object.__setattr__(self, "_hook", hook)
         object.__setattr__(self, "_restore", restore)
+        object.__setattr__(self, "_runner", runner)
         object.__setattr__(self, "last_report", None)
 
     @property
@@ -174,6 +186,12 @@ class AcceleratedPipeline:
                 rates=tuple(stats.rates),
                 plan_seconds=stats.planned_s,
             )
+        runner = self._runner
+        if runner is not None:
+            counts = runner.counts
+            extra.update(
+                compiled_stages=counts.compiled, loaded_stages=counts.loaded, eager_stages=counts.fallbacks
+            )
         report = CallReport(
             rank=acc.rank,
             world_size=acc.world_size,
@@ -205,12 +223,38 @@ def hook_module(pipe: Any) -> torch.nn.Module:
 
 
 @dataclass
-class _Restore:
-    """What wrapping changed on the denoiser, so that unwrapping can put it back exactly."""
+class _HookSite:
+    """A module accel hooked and what it was like before, so that unwrapping puts it back exactly."""
 
     module: torch.nn.Module
     had_registry: bool
     had_forward_attr: bool
+    names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> _HookSite:
+        return cls(
+            module=module,
+            had_registry=getattr(module, "_diffusers_hook", None) is not None,
+            had_forward_attr="forward" in vars(module),
+        )
+
+    def register(self, hook: Any, name: str) -> None:
+        HookRegistry.check_if_exists_or_initialize(self.module).register_hook(hook, name)
+        self.names.append(name)
+
+    def remove(self) -> None:
+        module = self.module
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            return
+        for name in reversed(self.names):
+            if registry.get_hook(name) is not None:
+                registry.remove_hook(name, recurse=False)
+        if not self.had_registry and not registry.hooks:
+            del module._diffusers_hook
+        if not self.had_forward_attr and "forward" in vars(module):
+            del module.forward
 
 
 def wrap_pipeline(
@@ -232,11 +276,8 @@ def wrap_pipeline(
     comm = accelerator.comm
     if comm is not None:
         comm.check_same("the denoiser (class, config, weights)", model_fingerprint(denoiser))
-    restore = _Restore(
-        module=denoiser,
-        had_registry=registry_before is not None,
-        had_forward_attr="forward" in vars(denoiser),
-    )
+    site = _HookSite.of(denoiser)
+    restore = [site]
     settings = accelerator.settings if settings is None else settings
     if comm is not None and settings is not accelerator.settings:
         comm.check_same("the pipeline settings", repr(settings))
@@ -255,6 +296,9 @@ def wrap_pipeline(
         comm.check_same("the plan file", status)
         if problem is not None:
             raise problem
+    runner: StageRunner | None = None
+    if settings.backend != "eager":
+        runner = _install_compiled(pipe, accelerator, site, restore, settings)
     hook: CFGSplitHook | None = None
     if comm is not None:
 
@@ -270,11 +314,36 @@ def wrap_pipeline(
                 schedule=settings.schedule,
                 window_guidance=settings.window_guidance,
                 get_plan=_PlanSource(pipe, denoiser, loaded, comm.rank, accelerator.world_size),
+                runner=runner,
+                vae_scale_factor=int(getattr(pipe, "vae_scale_factor", 8) or 8),
             )
         else:
             hook = CFGSplitHook(comm, owns_result=guided)
-        HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(hook, HOOK_NAME)
-    return AcceleratedPipeline(pipe, accelerator, hook, restore)
+        # Registered last, so it is outermost: it slices the batch, then calls the compiled stage.
+        site.register(hook, HOOK_NAME)
+    return AcceleratedPipeline(pipe, accelerator, hook, restore, runner)
+
+
+def _install_compiled(
+    pipe: Any, accelerator: Accelerator, site: _HookSite, restore: list[_HookSite], settings: AccelSettings
+) -> StageRunner:
+    """Route the denoiser (and the VAE decoder) through compiled stages of ``settings.backend``."""
+    from accel.runtime.compiled import (
+        COMPILED_HOOK,
+        DECODER_HOOK,
+        CompiledDecoderHook,
+        CompiledDenoiserHook,
+    )
+
+    runner = accelerator.stage_runner(site.module, settings)
+    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    site.register(CompiledDenoiserHook(runner, scale), COMPILED_HOOK)
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    if settings.compile_vae and isinstance(decoder, torch.nn.Module):
+        vae_site = _HookSite.of(decoder)
+        vae_site.register(CompiledDecoderHook(runner, decoder), DECODER_HOOK)
+        restore.append(vae_site)
+    return runner
 
 
 def _num_steps(pipe: Any) -> int | None:
@@ -357,14 +426,7 @@ def unwrap(pipe: Any) -> Any:
     if not isinstance(pipe, AcceleratedPipeline):
         return pipe
     original = pipe._pipe
-    restore: _Restore = pipe._restore
-    module = restore.module
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
-        if not restore.had_registry and not registry.hooks:
-            del module._diffusers_hook
-        if not restore.had_forward_attr and "forward" in vars(module):
-            del module.forward
+    for site in pipe._restore:
+        site.remove()
     object.__setattr__(pipe, "_pipe", None)
     return original

@@ -1,13 +1,15 @@
-"""`accel doctor` and `accel inspect` through typer's runner."""
+"""`accel doctor`, `accel inspect` (plans and engine directories) and the help texts, through typer's runner."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from accel.cli import app as cli
+from accel.compile.store import EngineStore
 
 
 @pytest.fixture(scope="module")
@@ -16,42 +18,101 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-def test_doctor_reports_versions_and_devices(runner) -> None:
+def test_doctor_reports_versions_devices_backends_and_a_verdict(runner) -> None:
     result = runner.invoke(cli.app, ["doctor", "--json"])
     assert result.exit_code == 0, result.output
-    checks = {c["name"]: c for c in json.loads(result.output)}
+    report = json.loads(result.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
     assert checks["torch"]["ok"] and checks["diffusers"]["ok"] and checks["gloo"]["ok"]
     assert "CUDA GPUs" in checks or "GPU 0" in checks
+    assert report["backends"]["eager"]["usable"]
+    assert set(report["backends"]) == {"eager", "inductor", "aot", "onnx", "tensorrt"}
+    if not torch.cuda.is_available():
+        # Every unusable backend says why and what to install.
+        assert "torch-tensorrt" in report["backends"]["tensorrt"]["reason"]
+        assert report["verdict"].startswith("CPU only")
+    assert report["ready"] and any("compile backends usable here" in fix for fix in report["fixes"])
+    shown = runner.invoke(cli.app, ["doctor"], env={"COLUMNS": "120"})
+    assert shown.exit_code == 0 and "verdict" in shown.output and "accel[tensorrt]" in shown.output
 
 
 def test_inspect_shows_a_plan_and_refuses_a_corrupt_one(runner, tmp_path) -> None:
     plan = tmp_path / "p.json"
-    made = runner.invoke(
-        cli.app,
-        [
-            "plan",
-            "--demo",
-            "sd3",
-            "--height",
-            "64",
-            "--width",
-            "64",
-            "--devices",
-            "2",
-            "--warmup",
-            "0",
-            "--repeat",
-            "1",
-            "-o",
-            str(plan),
-        ],
-    )
+    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--devices", "2"]
+    made = runner.invoke(cli.app, [*args, "--warmup", "0", "--repeat", "1", "-o", str(plan)])
     assert made.exit_code == 0, made.output
-    shown = runner.invoke(cli.app, ["inspect", str(plan)])
+    shown = runner.invoke(cli.app, ["inspect", str(plan)], env={"COLUMNS": "120"})
     assert shown.exit_code == 0, shown.output
     assert "balance (max/mean)" in shown.output and "carry.hidden_states" in shown.output
     as_json = runner.invoke(cli.app, ["inspect", str(plan), "--json"])
-    assert json.loads(as_json.output)["devices"] == 2
+    assert json.loads(as_json.stdout)["devices"] == 2
     plan.write_text(plan.read_text()[:100])
     bad = runner.invoke(cli.app, ["inspect", str(plan)])
-    assert bad.exit_code == 1 and "invalid" in bad.output
+    assert bad.exit_code == 1 and "invalid" in bad.output and "accel plan" in bad.output
+
+
+def _engines(directory) -> EngineStore:
+    store = EngineStore(directory)
+    module = torch.nn.Linear(4, 4)
+    store.export("cfg.full.8x8.b1", "eager", module, [torch.randn(1, 4)])
+    store.export("window.s0.u0-2.8x8.b1", "eager", module, [torch.randn(2, 4)])
+    return store
+
+
+def test_inspect_engine_directory_checks_every_file(runner, tmp_path) -> None:
+    engines = tmp_path / "engines"
+    _engines(engines)
+    good = runner.invoke(cli.app, ["inspect", str(engines), "--json"])
+    assert good.exit_code == 0, good.output
+    info = json.loads(good.stdout)
+    assert info["valid"] and [e["key"] for e in info["engines"]] == [
+        "cfg.full.8x8.b1",
+        "window.s0.u0-2.8x8.b1",
+    ]
+    assert all(not e["problems"] and not e["notes"] for e in info["engines"])
+    shown = runner.invoke(cli.app, ["inspect", str(engines)], env={"COLUMNS": "160"})
+    assert shown.exit_code == 0 and "every checksum matches" in shown.output
+
+    edited = engines / "cfg.full.8x8.b1.eager.json"
+    edited.write_text(edited.read_text().replace("{", "[", 1))
+    truncated = engines / "window.s0.u0-2.8x8.b1.eager.json"
+    truncated.write_bytes(truncated.read_bytes()[:5])
+    bad = runner.invoke(cli.app, ["inspect", str(engines), "--json"])
+    assert bad.exit_code == 1
+    problems = {e["key"]: e["problems"] for e in json.loads(bad.stdout)["engines"]}
+    assert problems["cfg.full.8x8.b1"] == ["edited after export (sha256 mismatch)"]
+    assert problems["window.s0.u0-2.8x8.b1"][0].startswith("truncated (5 of")
+    shown = runner.invoke(cli.app, ["inspect", str(engines)], env={"COLUMNS": "160"})
+    assert shown.exit_code == 1 and "--rebuild" in " ".join(shown.output.split())
+
+    manifest = engines / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    corrupt = runner.invoke(cli.app, ["inspect", str(engines)])
+    assert corrupt.exit_code == 1 and "not valid JSON" in corrupt.output
+    empty = runner.invoke(cli.app, ["inspect", str(tmp_path)])
+    assert empty.exit_code == 1 and "not an engine directory" in " ".join(empty.output.split())
+
+
+def test_inspect_notes_engines_built_elsewhere(runner, tmp_path) -> None:
+    store = _engines(tmp_path / "engines")
+    manifest = json.loads(store.manifest_path.read_text())
+    entry = manifest["engines"]["cfg.full.8x8.b1"]
+    entry.update(device_type="cuda", compute_capability="sm_90")
+    entry["versions"]["torch"] = "2.11.0+cu130"
+    store.manifest_path.write_text(json.dumps(manifest))
+    result = runner.invoke(cli.app, ["inspect", str(store.directory), "--json"])
+    assert result.exit_code == 0  # the files are intact; they just do not fit this machine
+    notes = {e["key"]: e["notes"] for e in json.loads(result.stdout)["engines"]}
+    assert notes["cfg.full.8x8.b1"][0].startswith("built for cuda")
+    assert any("built with torch 2.11.0+cu130" in n for n in notes["cfg.full.8x8.b1"])
+    assert notes["window.s0.u0-2.8x8.b1"] == []
+
+
+def test_every_command_has_help(runner) -> None:
+    top = runner.invoke(cli.app, ["--help"], env={"COLUMNS": "160"})
+    assert top.exit_code == 0
+    commands = [c for c in ("plan", "export", "run", "bench", "inspect", "doctor") if c in top.output]
+    assert {"plan", "export", "run", "inspect", "doctor"} <= set(commands)
+    for command in commands:
+        result = runner.invoke(cli.app, [command, "--help"], env={"COLUMNS": "160"})
+        assert result.exit_code == 0 and "Usage" in result.output, command

@@ -1,14 +1,18 @@
-"""`accel run`: generates with spawned workers, refuses bad input clearly, leaves nothing half-written."""
+"""`accel run`: launches its workers, runs plans, batches prompt files, runs user scripts, reports a failed
+rank clearly, and refuses bad input before starting anything (leaving nothing behind)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from accel.cli import app as cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -17,53 +21,139 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-def test_run_demo_on_two_cpu_processes(runner, tmp_path) -> None:
-    out = tmp_path / "img.png"
-    result = runner.invoke(
-        cli.app,
-        [
-            "run",
-            "--demo",
-            "sdxl",
-            "--devices",
-            "2",
-            "--accelerator",
-            "cpu",
-            "--steps",
-            "3",
-            "--warmup",
-            "0",
-            "-p",
-            "a cat",
-            "-p",
-            "a dog",
-            "-o",
-            str(out),
-            "--json",
-        ],
-    )
+@pytest.fixture(scope="module")
+def sd3_plan(runner, tmp_path_factory) -> Path:
+    """A 2-stage plan of the tiny SD3 transformer at 64x64 (profiled once, briefly)."""
+    plan = tmp_path_factory.mktemp("plan") / "sd3-64.plan.json"
+    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--devices", "2"]
+    made = runner.invoke(cli.app, [*args, "--warmup", "0", "--repeat", "1", "-o", str(plan)])
+    assert made.exit_code == 0, made.output
+    return plan
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+def test_run_plan_with_prompts_file(runner, sd3_plan, tmp_path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\na blue sphere\na green cone\n")
+    out = tmp_path / "out"
+    args = ["run", str(sd3_plan), "--accelerator", "cpu", "--prompts-file", str(prompts)]
+    result = runner.invoke(cli.app, [*args, "--steps", "6", "--schedule", "2-4", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output[result.output.index("{") :])
-    assert report["report"]["world_size"] == 2
-    assert report["report"]["collectives"] == 3  # one all-gather per step
-    assert sorted(report["images"]) == [str(tmp_path / "img-0.png"), str(tmp_path / "img-1.png")]
-    assert Image.open(tmp_path / "img-0.png").size == (128, 128)
-    assert not list(tmp_path.glob(".*.tmp"))
+    summary = json.loads(result.stdout)
+    # The plan decided the model (its source), the device count, the strategy, the size and the batch.
+    assert (summary["world_size"], summary["strategy"], summary["prompts"]) == (2, "hybrid", 3)
+    assert [c["images"] for c in summary["calls"]] == [1, 1, 1]  # the plan's batch bucket is 1
+    assert all(c["window"] == [2, 4] and c["steps"]["pipeline"] == 3 for c in summary["calls"])
+    assert summary["images"] == [str(out / f"{i:04d}.png") for i in range(3)]
+    assert Image.open(out / "0002.png").size == (64, 64)
+    assert _files(out) == ["0000.png", "0001.png", "0002.png"]  # no temporary files left
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["run"], "either a MODEL folder or --demo"),
-        (["run", "/nonexistent/model"], "not a diffusers pipeline folder"),
-        (["run", "--demo", "sdxl", "--devices", "3", "--accelerator", "cpu"], "world size 3"),
-        (["run", "--demo", "sdxl", "--devices", "2", "--accelerator", "cuda"], "CUDA devices were requested"),
-        (["run", "--demo", "sdxl", "--precision", "fp8"], "precision='fp8'"),
-    ],
-)
+def test_run_script_failure_on_one_rank_ends_all_ranks(runner) -> None:
+    script = REPO / "tests" / "scripts" / "two_ranks.py"
+    result = runner.invoke(
+        cli.app, ["run", str(script), "--devices", "2", "--accelerator", "cpu", "--", "fail-rank1"]
+    )
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())
+    assert "rank 1 failed: RuntimeError: injected failure on rank 1 at step 1" in message, result.output
+    assert "rank(s) 0 stopped as well" in message
+
+
+def _write_plan_variant(plan: Path, target: Path, **changes: object) -> Path:
+    data = json.loads(plan.read_text())
+    data.update(changes)
+    target.write_text(json.dumps(data))
+    return target
+
+
+BAD_INPUT = [
+    (["run"], "either a TARGET"),
+    (["run", "/nonexistent/model"], "no such folder"),
+    (["run", "{tmp}"], "not a diffusers pipeline folder"),
+    (["run", "{tmp}/missing.json"], "no plan file at"),
+    (["run", "{tmp}/missing.py"], "no such script"),
+    (["run", "--demo", "sdxl", "--backend", "fast"], "--backend 'fast' is not one of"),
+    (["run", "--demo", "sdxl", "--backend", "tensorrt"], "backend 'tensorrt' cannot run here"),
+    (["run", "--demo", "sdxl", "--backend", "aot", "--engines", "{tmp}"], "is not an engine directory"),
+    (["run", "--demo", "sdxl", "--devices", "3", "--accelerator", "cpu"], "world size 3"),
+    (["run", "--demo", "sdxl", "--devices", "2", "--accelerator", "cuda"], "CUDA devices were requested"),
+    (
+        ["run", "--demo", "sdxl", "--devices", "4", "--accelerator", "cpu", "--strategy", "hybrid"],
+        "world size 4",
+    ),
+    (["run", "--demo", "sdxl", "--precision", "fp8"], "precision='fp8'"),
+    (["run", "--demo", "sdxl", "--strategy", "pipe"], "strategy='pipe'"),
+    (["run", "--demo", "sdxl", "--window-guidance", "some"], "window_guidance='some'"),
+    (["run", "--demo", "sdxl", "--schedule", "sometimes"], "--schedule 'sometimes'"),
+    (["run", "--demo", "sdxl", "--num-nodes", "2"], "needs --master-port"),
+    (
+        ["run", "--demo", "sdxl", "--num-nodes", "2", "--node-rank", "2", "--master-port", "29555"],
+        "outside 0..1",
+    ),
+    (["run", "--demo", "sdxl", "--prompts-file", "{tmp}/none.txt"], "no such file"),
+    (["run", "--demo", "sdxl", "stray"], "not both"),
+    (["run", "{tmp}", "stray"], "only a script.py target takes arguments"),
+    (["run", "--demo", "sdxl", "-o", "{tmp}/x.gif"], "images are written as"),
+    (["run", "{script}", "--steps", "3"], "pass them after `--`"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
 def test_run_refuses_bad_input(runner, tmp_path, args, message) -> None:
-    out = tmp_path / "never.png"
-    result = runner.invoke(cli.app, [*args, "-o", str(out)])
+    script = tmp_path / "gen.py"
+    script.write_text("raise SystemExit('must not run')\n")
+    before = _files(tmp_path)
+    args = [a.format(tmp=tmp_path, script=script) for a in args]
+    output = [] if "-o" in args else ["-o", str(tmp_path / "never.png")]
+    result = runner.invoke(cli.app, [*args, *output])
     assert result.exit_code != 0
     assert message in " ".join(result.output.split()), result.output
-    assert not out.exists()
+    assert _files(tmp_path) == before  # nothing written, not even a folder
+
+
+def test_run_refuses_plans_that_cannot_run(runner, sd3_plan, tmp_path) -> None:
+    cases = {
+        "corrupt": (sd3_plan.read_text()[:120], "not valid JSON"),
+        "moved": (
+            _write_plan_variant(
+                sd3_plan, tmp_path / "m.json", source={"kind": "folder", "path": "/gone"}
+            ).read_text(),
+            "which is not there",
+        ),
+    }
+    for name, (text, message) in cases.items():
+        plan = tmp_path / f"{name}.plan.json"
+        plan.write_text(text)
+        result = runner.invoke(
+            cli.app, ["run", str(plan), "--accelerator", "cpu", "-o", str(tmp_path / "x.png")]
+        )
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    shapes = [
+        (["--height", "128", "--width", "128"], "128x128 is not one of its resolutions (64x64)"),
+        (["--batch-size", "2"], "a call of 2 prompt(s) is not one of its batch sizes [1]"),
+        (["--devices", "4"], "has 2 stages, this run has 4 processes"),
+    ]
+    for extra, message in shapes:
+        result = runner.invoke(
+            cli.app, ["run", str(sd3_plan), "--accelerator", "cpu", *extra, "-o", str(tmp_path / "x.png")]
+        )
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_run_help_names_every_launch_option(runner) -> None:
+    result = runner.invoke(cli.app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in (
+        "--num-nodes",
+        "--node-rank",
+        "--master-addr",
+        "--master-port",
+        "--prompts-file",
+        "--engines",
+    ):
+        assert option in result.output

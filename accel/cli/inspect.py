@@ -1,38 +1,221 @@
-"""``accel inspect``: show what a plan file holds and whether it is valid."""
+"""``accel inspect``: show what a plan file or an engine directory holds, and whether it is valid."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from accel.cli.app import app
 
 
+def _environment() -> dict[str, Any]:
+    """What an engine must have been built for to load here (device type, compute capability, versions)."""
+    import diffusers
+    import torch
+
+    capability = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        capability = f"sm_{major}{minor}"
+    return {
+        "device_type": "cuda" if capability else "cpu",
+        "compute_capability": capability,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
+
+
+def _backend_version(name: str) -> str | None:
+    from accel.compile.backends import get_backend
+
+    try:
+        return get_backend(name).version()
+    except Exception:  # not installed here: the engine cannot load, and the note says so
+        return None
+
+
+def inspect_engines(directory: Path) -> dict[str, Any]:
+    """Every manifest entry of an engine directory with its file's integrity and fit for this machine.
+
+    ``valid`` is False when the manifest is unreadable or any file is missing, truncated or edited
+    (sha256). ``notes`` list what would make ``accel run`` refuse an entry here (versions, GPU).
+    """
+    from accel.compile.store import LOCK, MANIFEST, EngineError, EngineRecord, EngineStore, sha256_file
+
+    store = EngineStore(directory)
+    try:
+        manifest = store.read_manifest()
+    except EngineError as exc:
+        return {
+            "kind": "engines",
+            "directory": str(directory),
+            "valid": False,
+            "error": str(exc),
+            "engines": [],
+        }
+    here = _environment()
+    entries: list[dict[str, Any]] = []
+    for key, data in sorted(manifest["engines"].items()):
+        try:
+            record = EngineRecord.from_dict({"key": key, **data})
+        except (EngineError, TypeError) as exc:
+            entries.append({"key": key, "problems": [str(exc)], "notes": []})
+            continue
+        entries.append(
+            {
+                "key": key,
+                "file": record.file,
+                "backend": record.backend,
+                "size": record.size,
+                "device_type": record.device_type,
+                "compute_capability": record.compute_capability,
+                "versions": record.versions,
+                "inputs": record.inputs,
+                "created": record.created,
+                "problems": _file_problems(directory, record, sha256_file),
+                "notes": _fit_notes(record, here),
+            }
+        )
+    listed = {e.get("file") for e in entries}
+    stray = sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.is_file() and p.name not in listed and p.name not in (MANIFEST, LOCK)
+    )
+    return {
+        "kind": "engines",
+        "directory": str(directory),
+        "format": manifest.get("format"),
+        "valid": all(not e["problems"] for e in entries),
+        "engines": entries,
+        "unlisted_files": stray,
+    }
+
+
+def _file_problems(directory: Path, record: Any, sha256_file: Any) -> list[str]:
+    if Path(record.file).name != record.file:
+        return [f"names a file outside the directory ({record.file!r})"]
+    path = directory / record.file
+    if not path.is_file():
+        return ["file missing"]
+    size = path.stat().st_size
+    if size < record.size:
+        return [f"truncated ({size} of {record.size} bytes)"]
+    if size != record.size or sha256_file(path) != record.sha256:
+        return ["edited after export (sha256 mismatch)"]
+    return []
+
+
+def _fit_notes(record: Any, here: dict[str, Any]) -> list[str]:
+    notes = []
+    if record.device_type != here["device_type"]:
+        notes.append(f"built for {record.device_type}, this machine runs {here['device_type']}")
+    elif record.compute_capability != here["compute_capability"]:
+        notes.append(f"built for {record.compute_capability}, this GPU is {here['compute_capability']}")
+    current = {**here["versions"], record.backend: _backend_version(record.backend)}
+    for lib, built in record.versions.items():
+        if lib in current and current[lib] != built:
+            notes.append(f"built with {lib} {built}, this is {current[lib] or 'not installed'}")
+    return notes
+
+
+def _print_engines(console: Console, info: dict[str, Any]) -> None:
+    table = Table(title=f"engines in {info['directory']} (manifest format {info.get('format')})")
+    for column in ("key", "backend", "MB", "device", "integrity", "fits here"):
+        table.add_column(column, overflow="fold")
+    for e in info["engines"]:
+        device = e.get("compute_capability") or e.get("device_type") or ""
+        state = "[green]ok[/green]" if not e["problems"] else f"[red]{escape('; '.join(e['problems']))}[/red]"
+        fits = "yes" if not e["notes"] else escape("; ".join(e["notes"]))
+        table.add_row(
+            escape(e["key"]),
+            e.get("backend", ""),
+            f"{e.get('size', 0) / 1e6:.1f}",
+            device,
+            state,
+            fits,
+        )
+    console.print(table)
+    for name in info.get("unlisted_files", []):
+        console.print(
+            f"not in the manifest: {escape(name)} (left by an interrupted export?)", highlight=False
+        )
+    if info["valid"]:
+        console.print(f"manifest valid: {len(info['engines'])} engine(s), every checksum matches.")
+    if any(e["notes"] for e in info["engines"]):
+        console.print(
+            "entries that do not fit here are refused by `accel run`; re-export them on this machine with "
+            "`accel export PLAN --backend BACKEND -o DIR --rebuild`.",
+            highlight=False,
+        )
+
+
 @app.command("inspect")
 def inspect(
-    path: Path = typer.Argument(..., help="A plan file written by `accel plan`."),
-    as_json: bool = typer.Option(False, "--json", help="Print the validated plan as JSON."),
+    path: Path = typer.Argument(
+        ..., help="A plan file (`accel plan`) or an engine directory (`accel export`).", show_default=False
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan or the engine report as JSON."),
 ) -> None:
-    """Show a plan's stages, costs and boundary tensors (a plan that fails validation exits 1)."""
+    """Show a plan's stages, costs and boundary tensors, or an engine directory's entries and checksums.
+
+    Exits 1 when the plan fails validation, or when the engine manifest is unreadable or a file is
+    missing, truncated or edited.
+    """
     from accel.cli.plan import plan_table
+    from accel.compile.store import MANIFEST
     from accel.plan import PlanError, load_plan
 
-    console = Console()
+    console = Console(soft_wrap=True)
+    errors = Console(stderr=True, soft_wrap=True)
+    if path.is_dir():
+        if not (path / MANIFEST).is_file():
+            errors.print(
+                f"[red]invalid:[/red] {escape(str(path))} is not an engine directory (no {MANIFEST}); "
+                "`accel export PLAN -o DIR` writes one.",
+                highlight=False,
+            )
+            raise typer.Exit(1)
+        info = inspect_engines(path)
+        if as_json:
+            typer.echo(json.dumps(info, indent=2))
+        elif "error" in info:
+            errors.print(f"[red]invalid:[/red] {escape(info['error'])}", highlight=False)
+        else:
+            _print_engines(console, info)
+            if not info["valid"]:
+                errors.print(
+                    "[red]invalid:[/red] some engine files do not match the manifest; re-export them with "
+                    "`accel export PLAN --backend BACKEND -o DIR --rebuild`.",
+                    highlight=False,
+                )
+        if not info["valid"]:
+            raise typer.Exit(1)
+        return
     try:
         plan = load_plan(path)
     except (PlanError, OSError) as exc:
-        console.print(f"[red]invalid:[/red] {exc}")
+        errors.print(f"[red]invalid:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from exc
     if as_json:
         typer.echo(json.dumps(plan.to_dict(), indent=2))
         return
     console.print(plan_table(plan))
-    console.print(f"source: {plan.source}; strategy {plan.strategy}, backend {plan.backend}")
+    console.print(
+        f"source: {plan.source}; strategy {plan.strategy}, backend {plan.backend}; made by accel "
+        f"{plan.accel_version} on {plan.created}",
+        markup=False,
+        highlight=False,
+    )
     for edge in plan.boundary:
         console.print(
             f"  {edge.name}: unit {edge.producer} -> {edge.consumer}, {list(edge.shape)} {edge.dtype}, "
-            f"{edge.nbytes / 2**20:.2f} MiB"
+            f"{edge.nbytes / 2**20:.2f} MiB",
+            markup=False,
+            highlight=False,
         )

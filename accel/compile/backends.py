@@ -136,7 +136,8 @@ class EagerBackend(Backend):
 
 
 class InductorBackend(Backend):
-    """``torch.compile`` (inductor). On CUDA, mode ``"reduce-overhead"`` replays CUDA graphs.
+    """``torch.compile`` (inductor), default mode: the runtime replays the result as a CUDA graph itself
+    (:class:`accel.compile.runner.CUDAGraphCallable`), one mechanism for every backend and every stage.
 
     ``export`` compiles, runs once and saves inductor's portable cache artifacts
     (``torch.compiler.save_cache_artifacts``); ``load`` installs them and compiles ``module`` again,
@@ -151,16 +152,10 @@ class InductorBackend(Backend):
         self.mode = mode
         self.regional = regional
 
-    def _mode(self, example_inputs: Sequence[torch.Tensor]) -> str | None:
-        if self.mode is not None:
-            return self.mode
-        on_cuda = any(t.device.type == "cuda" for t in example_inputs)
-        return "reduce-overhead" if on_cuda else None
-
     def compile(
         self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
     ) -> StageCallable:
-        mode = self._mode(example_inputs)
+        mode = self.mode
         repeated = _repeated_blocks(module) if self.regional else []
         if repeated:
             # Regional compilation: each repeated block compiles once and is reused (shorter cold start).
@@ -187,9 +182,7 @@ class InductorBackend(Backend):
         if module is None:
             raise BackendError("the inductor backend compiles the stage module from its cache: pass module=.")
         torch.compiler.load_cache_artifacts(Path(path).read_bytes())
-        on_cuda = any(p.device.type == "cuda" for p in module.parameters())
-        mode = self.mode if self.mode is not None else ("reduce-overhead" if on_cuda else None)
-        return torch.compile(module, mode=mode, dynamic=False)
+        return torch.compile(module, mode=self.mode, dynamic=False)
 
 
 def _repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -217,7 +210,7 @@ class AOTBackend(Backend):
         # Keep the package until the callable is gone (the loader may read it lazily).
         tmp = tempfile.mkdtemp(prefix="accel-aot-")
         try:
-            fn = self.load(self.export(module, example_inputs, Path(tmp) / "stage.pt2"))
+            fn = self.load(self.export(module, example_inputs, Path(tmp) / "stage.pt2"), module=module)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -230,14 +223,24 @@ class AOTBackend(Backend):
         import torch._inductor
 
         program = self._exported(module, example_inputs)
+        weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        # Weights embedded in the shared library's data section break it past 2 GB (a full-size U-Net is
+        # 5 GB in fp16): append them to the library and map them at load time instead.
+        configs = {"aot_inductor.force_mmap_weights": True} if weight_bytes > 2**30 else {}
         with atomic_path(path, suffix=".pt2") as tmp:  # AOTInductor wants a .pt2 name
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
         return Path(path)
 
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
         import torch._inductor
 
-        runner = torch._inductor.aoti_load_package(str(path))
+        device = next((p.device for p in module.parameters()), None) if module is not None else None
+        if device is not None and device.type == "cuda":
+            # The package names the device it was compiled on; load it onto this rank's device instead.
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            runner = torch._inductor.aoti_load_package(str(path), device_index=index)
+        else:
+            runner = torch._inductor.aoti_load_package(str(path))
 
         def call(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return _as_tuple(runner(*tensors))

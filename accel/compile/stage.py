@@ -232,6 +232,9 @@ def _bind(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
     import inspect
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    # Defaults made explicit: a pipeline that passes `timestep_cond=None` and an example that leaves it
+    # out describe the same graph.
+    bound.apply_defaults()
     arguments = dict(bound.arguments)
     arguments["return_dict"] = False
     return arguments

@@ -126,16 +126,26 @@ class SD3Adapter(DenoiserAdapter):
                 hidden_states = hidden_states + controlnet[int(i / interval_control)]
             carry["hidden_states"] = hidden_states
             return
-        hidden_states = m.norm_out(carry.pop("hidden_states"), ctx["temb"])
-        hidden_states = m.proj_out(hidden_states)
+        carry["sample"] = self.unpatchify(state, self.project_out(state))
+
+    def project_out(self, state: SegmentState) -> torch.Tensor:
+        """The first half of the ``out`` unit: ``norm_out`` and ``proj_out`` of the image tokens (popped from
+        the carry). Both act on each token alone, so they may run on any subset of the tokens."""
+        m: Any = self.model
+        hidden_states = m.norm_out(state.carry.pop("hidden_states"), state.context["temb"])
+        return m.proj_out(hidden_states)
+
+    def unpatchify(self, state: SegmentState, tokens: torch.Tensor) -> torch.Tensor:
+        """The second half of the ``out`` unit: all ``[B, patches, p*p*C]`` output tokens to the latent."""
+        m: Any = self.model
         patch_size = m.config.patch_size
-        height = ctx["height"] // patch_size
-        width = ctx["width"] // patch_size
-        hidden_states = hidden_states.reshape(
-            shape=(hidden_states.shape[0], height, width, patch_size, patch_size, m.out_channels)
+        height = state.context["height"] // patch_size
+        width = state.context["width"] // patch_size
+        hidden_states = tokens.reshape(
+            shape=(tokens.shape[0], height, width, patch_size, patch_size, m.out_channels)
         )
         hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
-        carry["sample"] = hidden_states.reshape(
+        return hidden_states.reshape(
             shape=(hidden_states.shape[0], m.out_channels, height * patch_size, width * patch_size)
         )
 

@@ -2,11 +2,13 @@
 
 Everything here is created once per :class:`~accel.Accelerator` and reused by every pipeline call.
 Collectives go through ``torch.distributed`` (NCCL on GPUs, gloo on CPUs) and inherit the process
-group's timeout, so a collective that cannot complete fails instead of hanging.
+group's timeout, so a collective that cannot complete fails instead of hanging. The sub-groups of the
+CFG group layout (:mod:`accel.runtime.groups`) are created with the same timeout.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from accel.runtime.groups import GroupLayout
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ class CommStats:
 class Communicator:
     """Collectives over one process group with buffers allocated once and reused.
 
+    The communicator of the whole world also holds the sub-communicators of the CFG group layout
+    (:meth:`create_groups`, :meth:`block`, :meth:`stride`, :attr:`cfg_group`); they share its ``stats``.
+
     Args:
         rank: this process's rank in ``group``.
         world_size: ranks in ``group``.
@@ -58,6 +65,66 @@ class Communicator:
     _buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = field(
         default_factory=dict, repr=False
     )
+    _subgroups: dict[tuple[str, int], Communicator] = field(default_factory=dict, repr=False)
+
+    @property
+    def layout(self) -> GroupLayout:
+        """The CFG group layout of this communicator's ranks (meaningful for the world communicator; a
+        sub-communicator of an odd number of ranks raises :class:`~accel.runtime.groups.LayoutError`)."""
+        return GroupLayout(self.world_size)
+
+    def create_groups(self, timeout_s: float) -> None:
+        """Create the process groups of every block and stride of the layout (once, on every rank).
+
+        ``torch.distributed.new_group`` is collective over the whole world: every rank creates every group,
+        in the same order, including the groups it is not a member of.
+        """
+        if self._subgroups:
+            return
+        layout = self.layout
+        timeout = datetime.timedelta(seconds=timeout_s)
+        for size in layout.block_sizes:
+            for kind, members_of in (("block", layout.blocks(size)), ("stride", layout.strides(size))):
+                for members in members_of:
+                    group = dist.new_group(list(members), timeout=timeout)
+                    if self.rank in members:
+                        self._subgroups[(kind, size)] = Communicator(
+                            rank=members.index(self.rank),
+                            world_size=len(members),
+                            group=group,
+                            stats=self.stats,
+                        )
+        log.debug("rank %d: %s", self.rank, layout.describe())
+
+    def block(self, size: int) -> Communicator:
+        """The communicator of this rank's block of ``size`` consecutive ranks (``size == world_size``: this
+        communicator)."""
+        if size == self.world_size:
+            return self
+        return self._subgroup("block", size)
+
+    def stride(self, size: int) -> Communicator:
+        """The communicator of the ranks at this rank's position in every block of ``size`` (``size == 1``:
+        this communicator)."""
+        if size == 1:
+            return self
+        return self._subgroup("stride", size)
+
+    @property
+    def cfg_group(self) -> Communicator | None:
+        """The communicator of this rank's CFG group (``None`` while each group is a single rank)."""
+        k = self.layout.group_size
+        return self.block(k) if k > 1 else None
+
+    def _subgroup(self, kind: str, size: int) -> Communicator:
+        self.layout.blocks(size)  # a size that does not divide the world: LayoutError naming it
+        sub = self._subgroups.get((kind, size))
+        if sub is None:
+            raise RuntimeError(
+                f"no process group for {kind}s of {size} ranks: this communicator's sub-groups were not "
+                "created. Create it through accel.Accelerator, or call create_groups() on every rank."
+            )
+        return sub
 
     def gather_buffer(self, local: torch.Tensor) -> torch.Tensor:
         """The reusable output buffer for gathering ``local`` from every rank (rank-major on dim 0)."""
@@ -69,17 +136,39 @@ class Communicator:
             self._buffers[key] = buf
         return buf
 
-    def all_gather(self, local: torch.Tensor) -> torch.Tensor:
-        """Gather ``local`` from every rank into the preallocated buffer and return that buffer.
+    def all_gather(self, local: torch.Tensor, *, reuse: bool = True) -> torch.Tensor:
+        """Gather ``local`` from every rank (rank-major on dim 0) into the preallocated buffer and return it.
 
         The buffer is reused by the next gather of the same shape: consume it (or copy it) before then.
+        ``reuse=False`` gathers into a new tensor instead, for results that views may keep alive.
         """
-        out = self.gather_buffer(local)
+        if reuse:
+            out = self.gather_buffer(local)
+        else:
+            out = local.new_empty((local.shape[0] * self.world_size, *local.shape[1:]))
         # torch 2.13 renamed the collective; older releases (2.11 on the GPU host) only have the old name.
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(out, local.contiguous(), group=self.group)
         self.stats.collectives += 1
         self.stats.bytes_sent += local.numel() * local.element_size()
+        return out
+
+    def all_to_all(self, chunks: torch.Tensor) -> torch.Tensor:
+        """Send ``chunks[i]`` to rank ``i`` and return a new tensor whose ``[i]`` came from rank ``i``.
+
+        ``chunks`` has ``world_size`` rows on dim 0 (one per peer). A new output tensor is returned each
+        time, since callers keep views of it.
+        """
+        if chunks.shape[0] != self.world_size:
+            raise ValueError(
+                f"all_to_all needs one chunk per rank on dim 0 ({self.world_size}), got {tuple(chunks.shape)}."
+            )
+        send = chunks.contiguous()
+        out = torch.empty_like(send)
+        dist.all_to_all_single(out, send, group=self.group)
+        self.stats.collectives += 1
+        # What leaves this rank: every chunk but its own.
+        self.stats.bytes_sent += send[0].numel() * send.element_size() * (self.world_size - 1)
         return out
 
     def broadcast_int(self, value: int, src: int = 0) -> int:

@@ -6,10 +6,16 @@ of that batch, runs the denoiser on it, and all-gathers the prediction, so that 
 same ``2B`` prediction on every rank and applies guidance and the scheduler step itself. Every batched
 input is sliced the same way (latents, batched timesteps, text states, pooled and added conditioning,
 ControlNet residuals, anything in nested dicts/lists whose first dimension is the batch).
+
+On ``2k`` ranks (:mod:`accel.runtime.groups`) the ranks that share one part of the batch (a *block*) run
+it with the image tokens sharded (DiTs, :mod:`accel.runtime.sequence`) or each run all of it (U-Nets, or a
+DiT whose heads or tokens the block cannot share evenly); the prediction is gathered over the ranks that
+hold different parts (a *stride*), so nothing is gathered twice.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +25,9 @@ from diffusers.hooks import ModelHook
 from diffusers.utils import BaseOutput
 
 from accel.runtime.comm import Communicator
+from accel.runtime.sequence import SequenceParallel
+
+log = logging.getLogger(__name__)
 
 HOOK_NAME = "accel.cfg_split"
 
@@ -28,8 +37,11 @@ class BatchSplit:
     """How a batch of ``batch`` rows is spread over ``world_size`` ranks.
 
     The batch is cut into ``parts`` equal contiguous parts, the largest divisor of ``world_size`` that
-    divides ``batch``; each part runs on ``world_size // parts`` ranks (replicas). ``parts == 1`` means
-    no split: every rank runs the whole batch and nothing is exchanged.
+    divides ``batch`` (``gcd(batch, world_size)``); each part runs on a block of ``world_size // parts``
+    consecutive ranks (``replicas``). With guidance the batch is ``2B`` and ``parts = 2 * gcd(B, k)`` on
+    ``2k`` ranks, so the unconditional rows land on CFG group 0 (ranks ``[0, k)``) and the conditional rows
+    on group 1, each branch split ``gcd(B, k)`` ways inside its group. ``parts == 1`` means no batch
+    split: every rank runs the whole batch.
     """
 
     batch: int
@@ -97,21 +109,42 @@ class CFGSplitHook(ModelHook):
     """Runs this rank's part of the denoiser batch and all-gathers the full prediction.
 
     Args:
-        comm: the communicator of the ranks that share the batch.
+        comm: the communicator of the ranks that share the batch (its sub-groups created, for ``2k > 2``).
         owns_result: a callable telling whether the pipeline will only read the returned prediction
             within the current step (true while it combines CFG branches). Then the gather buffer is
             returned as is; otherwise a copy, because schedulers such as PNDM keep past predictions.
+        sequence_parallel: let a block of ranks that shares one part of the batch run a DiT with its image
+            tokens sharded (exact). ``None``: on when the CFG groups have more than one rank (``2k > 2``);
+            with 2 ranks no block ever shares a CFG branch.
     """
 
     _is_stateful = True
 
-    def __init__(self, comm: Communicator, owns_result: Callable[[], bool]) -> None:
+    def __init__(
+        self, comm: Communicator, owns_result: Callable[[], bool], *, sequence_parallel: bool | None = None
+    ) -> None:
         super().__init__()
         self.comm = comm
         self.owns_result = owns_result
         self.calls = 0
         self.split_calls = 0
         self._splits: dict[int, BatchSplit] = {}
+        self._sequence_wanted = comm.layout.group_size > 1 if sequence_parallel is None else sequence_parallel
+        #: the sharded-forward runner while installed on a DiT (``None``: blocks run their part whole)
+        self.sequence: SequenceParallel | None = None
+        self._sequence_problem: str | None = None
+        self._noted: set[tuple[int, str]] = set()
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self._sequence_wanted:
+            self.sequence, self._sequence_problem = SequenceParallel.install(module)
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.sequence is not None:
+            self.sequence.remove()
+            self.sequence = None
+        return module
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.calls = 0
@@ -124,6 +157,37 @@ class CFGSplitHook(ModelHook):
             split = self._splits[batch] = BatchSplit.plan(batch, self.comm.world_size)
         return split
 
+    def block_for(
+        self, split: BatchSplit, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Communicator | None:
+        """The communicator of the block that runs this rank's part sharded, or ``None`` when each rank of
+        the block runs the part whole (no block, a U-Net, or a DiT the block cannot share evenly).
+
+        ``args``/``kwargs`` are this part's inputs. Every rank decides alike from the same inputs.
+        """
+        size = split.replicas
+        if size == 1 or not self._sequence_wanted:
+            return None
+        problem = (
+            self._sequence_problem if self.sequence is None else self.sequence.problem(size, args, kwargs)
+        )
+        if problem is None:
+            return self.comm.block(size)
+        if (size, problem) not in self._noted:
+            self._noted.add((size, problem))
+            # Expected for U-Nets (INFO); for a DiT it costs the speed-up, so say so louder.
+            level = logging.INFO if self.sequence is None else logging.WARNING
+            log.log(
+                level,
+                "rank %d: the %d ranks sharing %d of %d batch rows each run them whole: %s.",
+                self.comm.rank,
+                size,
+                split.rows,
+                split.batch,
+                problem,
+            )
+        return None
+
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
         assert forward is not None, "the hook registry sets original_forward for hooks with new_forward"
@@ -132,21 +196,25 @@ class CFGSplitHook(ModelHook):
         if batch is None:
             return forward(*args, **kwargs)
         split = self.split_for(batch)
-        if split.parts == 1:
-            return forward(*args, **kwargs)
         rows = split.rows_of(self.comm.rank)
-        output = forward(*slice_batch(args, batch, rows), **slice_batch(kwargs, batch, rows))
+        if split.parts > 1:
+            args, kwargs = slice_batch(args, batch, rows), slice_batch(kwargs, batch, rows)
+        block = self.block_for(split, args, kwargs)
+        if block is None and split.parts == 1:
+            return forward(*args, **kwargs)
         self.split_calls += 1
+        if block is not None:
+            assert self.sequence is not None  # block_for returns a block only with a runner
+            output = self.sequence.forward(block, args, kwargs)
+        else:
+            output = forward(*args, **kwargs)
+        if split.parts == 1:
+            return output  # the block's output is whole on every rank and freshly allocated
         return _map_output(output, lambda local: self._gather(local, split))
 
     def _gather(self, local: torch.Tensor, split: BatchSplit) -> torch.Tensor:
         if local.dim() == 0 or local.shape[0] != split.rows:
             return local
-        full = self.comm.all_gather(local)
-        if split.replicas > 1:
-            # Each part was computed by `replicas` ranks; keep the first copy of each.
-            full = full.view(split.parts, split.replicas, *local.shape)[:, 0].reshape(
-                split.batch, *local.shape[1:]
-            )
-            return full
+        # One rank per block holds each part once: gather over that stride, in part (= row) order.
+        full = self.comm.stride(split.replicas).all_gather(local)
         return full if self.owns_result() else full.clone()

@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,9 @@ from accel.runtime.schedule import (
     relative_gap,
     taus,
 )
+
+if TYPE_CHECKING:
+    from accel.compile.runner import StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,8 @@ class StageExecutor:
         ]
         self.handover: dict[Key, torch.Tensor] = {}
         self._prediction: torch.Tensor | None = None
+        #: compiled callables of this rank's segments, ``(lo, hi) -> (stage module, callable)``
+        self.compiled: dict[tuple[int, int], tuple[Any, Callable[..., Any]]] = {}
         self._pending: list[Any] = []  # boundary works of the previous step (waited before use)
         self._keep: list[torch.Tensor] = []  # tensors being sent (kept alive until their works finish)
 
@@ -183,7 +188,12 @@ class StageExecutor:
         state = adapter.prepare(*args, **kwargs)
         captured: list[str] = []
         for lo, hi in self.all_segments:
-            adapter.run(state, lo, hi)
+            compiled = self.compiled.get((lo, hi))
+            if compiled is None:
+                adapter.run(state, lo, hi)
+            else:
+                module, fn = compiled
+                state = module.run_state(fn, state)
             named = adapter.state_tensors(state, hi)
             for key, buf in wanted.items():
                 name, producer = key
@@ -236,7 +246,13 @@ class StageExecutor:
                 if lo <= e.consumer < hi and e.producer < lo:
                     key = (e.name, e.producer)
                     tensors[e.name] = local[key] if self.owner[e.producer] == self.stage else received[key]
-            state = adapter.run(adapter.with_tensors(context, tensors, lo), lo, hi)
+            before = adapter.with_tensors(context, tensors, lo)
+            compiled = self.compiled.get((lo, hi))
+            if compiled is None:
+                state = adapter.run(before, lo, hi)
+            else:
+                module, fn = compiled
+                state = module.run_state(fn, before)
             units.extend(range(lo, hi))
             named = adapter.state_tensors(state, hi)
             for e in self.edges:
@@ -316,6 +332,9 @@ class HybridHook(CFGSplitHook):
         window_guidance: ``"reference"``, ``"cached"`` or ``"off"``.
         get_plan: ``(adapter, branch_args, branch_kwargs, batch) -> Plan`` for this call's shape (the same
             plan on every rank).
+        runner: compiled stage callables (``backend`` other than eager): this rank's window segments run
+            through it, under the engine keys ``accel export`` writes.
+        vae_scale_factor: pixels per latent, for the engine keys' image size.
 
     ``recorder``: set to a callable to receive a :class:`StepRecord` per denoiser call (tests).
     """
@@ -330,8 +349,12 @@ class HybridHook(CFGSplitHook):
         schedule: ScheduleSettings,
         window_guidance: str,
         get_plan: PlanProvider,
+        runner: StageRunner | None = None,
+        vae_scale_factor: int = 8,
     ) -> None:
         super().__init__(comm, owns_result)
+        self.runner = runner
+        self.vae_scale_factor = vae_scale_factor
         if comm.world_size != 2:
             raise ValueError(f"the hybrid runtime runs on 2 ranks, not {comm.world_size}.")
         self.guided = guided
@@ -434,9 +457,31 @@ class HybridHook(CFGSplitHook):
             executor = StageExecutor(
                 adapter, stages, edges, rank=self.comm.rank, device=device, group=self.comm.group
             )
+            if self.runner is not None:
+                self._compile_segments(executor, b_args, b_kwargs, split.rows)
             cached = self._executors[key] = (plan, executor)
             self.stats.planned_s = time.perf_counter() - start
         self.plan, self._executor = cached
+
+    def _compile_segments(
+        self, executor: StageExecutor, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+    ) -> None:
+        """Compiled callables for every window segment (keys as ``accel export`` names them): this
+        rank's stage runs its own in the window, and the CFG step that captures the window's starting
+        activations runs them all in unit order, so that it is as fast as a compiled CFG step."""
+        from accel.compile.stage import build_stage
+
+        assert self.runner is not None and self._adapter is not None
+        sample = _tensors(args, kwargs)[0]
+        scale = self.vae_scale_factor
+        bucket = f"{sample.shape[-2] * scale}x{sample.shape[-1] * scale}.b{batch}"
+        for k, segments in enumerate(executor.segments):
+            for lo, hi in segments:
+                key = f"window.s{k}.u{lo}-{hi}.{bucket}"
+                with torch.no_grad():
+                    module, inputs = build_stage(self._adapter, lo, hi, args, kwargs)
+                fn = self.runner.get(key, module, inputs, cache_key=(key, _shape_key(args, kwargs)))
+                executor.compiled[(lo, hi)] = (module, fn)
 
     def _decide(self, step: int) -> str:
         schedule = self._schedule

@@ -1,0 +1,129 @@
+"""Markdown tables and a latency plot from speed-suite results (:mod:`accel.bench.speed` JSON files)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from accel.atomic import atomic_path, write_text_atomic
+
+DESCRIPTIONS: dict[str, str] = {
+    "A": "diffusers eager, 1 GPU",
+    "B": "diffusers + torch.compile (reduce-overhead), 1 GPU",
+    "C": "accel CFG split, eager, 2 GPUs",
+    "D": "accel CFG split, {backend}, 2 GPUs",
+    "E": "accel hybrid, {backend}, window guidance {mode}, 2 GPUs",
+}
+
+
+def describe(name: str) -> str:
+    """A configuration name (``A``, ``D-inductor``, ``E-inductor-cached``) in words."""
+    parts = name.split("-")
+    template = DESCRIPTIONS.get(parts[0], name)
+    backend = parts[1] if len(parts) > 1 else ""
+    mode = parts[2] if len(parts) > 2 else ""
+    return template.format(backend=backend, mode=mode)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}f}"
+    if isinstance(value, list | tuple):
+        return " / ".join(_fmt(v, 1) for v in value)
+    return str(value)
+
+
+def title(result: dict[str, Any]) -> str:
+    """``SDXL 1024x1024`` and so on."""
+    return f"{result['model'].upper()} {result['height']}x{result['width']}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """One result as a markdown section: the environment line and the table of configurations."""
+    env = result.get("environment", {})
+    versions = result.get("versions", {})
+    lines = [
+        f"### {title(result)}, {result['steps']} steps, guidance {result['guidance']}, batch 1, {result['dtype']}",
+        "",
+        f"{env.get('gpus', 0)} x {env.get('gpu', 'CPU')} (driver {env.get('driver', '-')}, CUDA "
+        f"{env.get('cuda', '-')}), torch {versions.get('torch')}, diffusers {versions.get('diffusers')}, "
+        f"accel {versions.get('accel')}, {result['date']}; median of {result['repeat']} runs; "
+        f"schedule {result.get('schedule')}; engines {result.get('engines') or 'compiled in memory'}.",
+        "",
+        "| config | what | loop s | end-to-end s | loop vs A | loop vs B | e2e vs A | e2e vs B "
+        "| first call s | peak GiB per GPU | window | latent mean abs err | PSNR dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = result.get("ratios", {})
+    for name, entry in result["configs"].items():
+        r = ratios.get(name, {})
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    describe(name),
+                    _fmt(entry["loop_median_s"]),
+                    _fmt(entry["e2e_median_s"]),
+                    _fmt(r.get("loop_vs_A"), 2),
+                    _fmt(r.get("loop_vs_B"), 2),
+                    _fmt(r.get("e2e_vs_A"), 2),
+                    _fmt(r.get("e2e_vs_B"), 2),
+                    _fmt(entry.get("first_call_s"), 1),
+                    _fmt(entry.get("peak_mem_gib")),
+                    _fmt(entry.get("window")),
+                    _fmt(entry.get("latent_mean_abs_err"), 4),
+                    _fmt(entry.get("image_psnr_db"), 1),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[dict[str, Any]], path: Path) -> Path:
+    """One PNG: denoising-loop latency per configuration, one panel per model and size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        names = list(result["configs"])
+        loop = [result["configs"][n]["loop_median_s"] for n in names]
+        e2e = [result["configs"][n]["e2e_median_s"] for n in names]
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], loop, width=0.4, label="denoising loop")
+        ax.bar([x + 0.2 for x in xs], e2e, width=0.4, label="end to end")
+        ax.set_xticks(list(xs), names, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel("seconds (median)")
+        ax.set_title(title(result))
+        ax.legend(fontsize=8)
+    env = results[0].get("environment", {})
+    fig.suptitle(f"accel bench on {env.get('gpus', 0)} x {env.get('gpu', 'CPU')} ({results[0]['date']})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(result_files: Sequence[Path], markdown_path: Path, plot_path: Path | None) -> None:
+    """Regenerate the markdown tables (and the plot) from committed JSON results."""
+    results = [json.loads(Path(f).read_text()) for f in result_files]
+    body = ["# accel bench: speed suite", "", "Generated by `accel bench --report` from:", ""]
+    body += [f"- `{Path(f).name}`" for f in result_files]
+    body.append("")
+    if plot_path is not None:
+        plot(results, plot_path)
+        body += [f"![latency per configuration]({plot_path.name})", ""]
+    body += [markdown(r) for r in results]
+    write_text_atomic(markdown_path, "\n".join(body))

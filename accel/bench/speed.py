@@ -1,0 +1,461 @@
+"""The speed suite behind ``accel bench``: every configuration against the baselines, in one process tree.
+
+Configurations (letters as in ``docs/benchmarks/README.md``):
+
+- ``A``: diffusers eager on one GPU, as a user runs it;
+- ``B``: diffusers with ``torch.compile(denoiser, mode="reduce-overhead", fullgraph=True)`` on one GPU;
+- ``C``: accel CFG split, eager, 2 GPUs;
+- ``D``: accel CFG split with each compiled backend of ``backends``, 2 GPUs;
+- ``E``: accel hybrid with the first of ``backends``, 2 GPUs, once per window guidance mode.
+
+``A`` and ``B`` run in this process on the first GPU; ``C``-``E`` in one launch of 2 worker processes
+afterwards, so every ratio is measured on the same machine in the same run. Each configuration gets one
+short and one full warm-up call (compilation, CUDA-graph capture, planning; the first call's time is
+reported as ``first_call_s``), then ``repeat`` timed calls: end to end (text encoding to decoded image,
+host wall clock around the call with the device synchronised) and the denoising loop alone (CUDA events
+from the first denoiser call to the end of the last step). Peak memory is per GPU. Every approximate
+configuration is compared with ``A`` at the same seed (latent mean abs error, decoded-image PSNR).
+
+With ``tiny=True`` the same suite runs the tiny offline pipelines on the CPU (gloo): a dry run of the
+machinery, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CONFIGS: tuple[str, ...] = ("A", "B", "C", "D", "E")
+WINDOW_MODES: tuple[str, ...] = ("reference", "cached", "off")
+GUIDANCE: dict[str, float] = {"sdxl": 5.0, "sd3": 7.0}
+PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuiteSettings:
+    """One run of the suite: which model, shape and configurations.
+
+    Attributes:
+        model: ``"sdxl"`` or ``"sd3"`` (full-size architecture, random weights, fp16).
+        height, width: image size in pixels.
+        steps: denoising steps; ``guidance``: CFG scale (default 5.0 SDXL, 7.0 SD3).
+        configs: subset of :data:`CONFIGS`.
+        backends: compiled backends for ``D`` (each) and ``E`` (the first).
+        window_modes: window guidance modes for ``E``.
+        schedule: hybrid schedule for ``E`` (``"adaptive"``, ``"never"``, ``(start, end)``...).
+        repeat: timed calls per configuration (the median is reported); ``warmup_steps``: the short
+            warm-up call.
+        engines: an engine directory (``accel export``) for the first backend; ``None`` compiles in memory.
+        plan: the plan file for ``E`` (the one the engines were exported from); ``None`` plans on the
+            first hybrid call.
+        seed: the seed of every call.
+        tiny: run the tiny offline pipelines on the CPU (a dry run).
+    """
+
+    model: str = "sdxl"
+    height: int = 1024
+    width: int = 1024
+    steps: int = 50
+    guidance: float | None = None
+    configs: tuple[str, ...] = CONFIGS
+    backends: tuple[str, ...] = ("inductor",)
+    window_modes: tuple[str, ...] = WINDOW_MODES
+    schedule: Any = "adaptive"
+    repeat: int = 3
+    warmup_steps: int = 3
+    engines: str | None = None
+    plan: str | None = None
+    seed: int = 0
+    tiny: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model not in GUIDANCE:
+            raise ValueError(f"model {self.model!r} is not one of {', '.join(GUIDANCE)}.")
+        unknown = sorted(set(self.configs) - set(CONFIGS))
+        if unknown:
+            raise ValueError(f"unknown configurations {unknown}; choose from {', '.join(CONFIGS)}.")
+        from accel.compile.backends import BACKEND_NAMES
+
+        bad = sorted(set(self.backends) - set(BACKEND_NAMES) | ({"eager"} & set(self.backends)))
+        if bad or not self.backends:
+            raise ValueError(
+                f"backends {bad or '(none)'}: choose compiled ones of {', '.join(BACKEND_NAMES[1:])}."
+            )
+        bad_modes = sorted(set(self.window_modes) - set(WINDOW_MODES))
+        if bad_modes:
+            raise ValueError(f"unknown window modes {bad_modes}; choose from {', '.join(WINDOW_MODES)}.")
+        if self.repeat < 1 or self.steps < 1:
+            raise ValueError("steps and repeat must be >= 1.")
+
+    @property
+    def cfg_scale(self) -> float:
+        return GUIDANCE[self.model] if self.guidance is None else self.guidance
+
+    @property
+    def device_kind(self) -> str:
+        return "cpu" if self.tiny else "cuda"
+
+
+@dataclass
+class Measured:
+    """The timings and outputs of one configuration (one rank)."""
+
+    name: str
+    e2e_s: list[float] = field(default_factory=list)
+    loop_s: list[float] = field(default_factory=list)
+    first_call_s: float = 0.0
+    peak_mem_gib: list[float] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+    latents: Any = None
+    image: Any = None
+
+    def summary(self) -> dict[str, Any]:
+        out = {
+            "e2e_s": self.e2e_s,
+            "loop_s": self.loop_s,
+            "e2e_median_s": statistics.median(self.e2e_s),
+            "loop_median_s": statistics.median(self.loop_s),
+            "first_call_s": self.first_call_s,
+            "peak_mem_gib": self.peak_mem_gib,
+        }
+        report = self.report or {}
+        for key in ("tau1", "tau2", "window", "steps", "compiled_stages", "loaded_stages", "eager_stages"):
+            if key in report:
+                out[key] = report[key]
+        return out
+
+
+def _denoiser_name(pipe: Any) -> str:
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _call(
+    pipe: Any, denoiser: torch.nn.Module, s: SuiteSettings, steps: int, device: torch.device
+) -> dict[str, Any]:
+    from accel.testing.measure import LoopTimer
+
+    timer = LoopTimer(denoiser, device)
+    final: dict[str, Any] = {}
+
+    def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        timer.callback(p, step, timestep, kwargs)
+        if step == steps - 1:
+            final["latents"] = kwargs["latents"]
+        return kwargs
+
+    _sync(device)
+    start = time.perf_counter()
+    with timer:
+        images = pipe(
+            PROMPT,
+            height=s.height,
+            width=s.width,
+            num_inference_steps=steps,
+            guidance_scale=s.cfg_scale,
+            generator=torch.Generator("cpu").manual_seed(s.seed),
+            output_type="np",
+            callback_on_step_end=on_step_end,
+        ).images
+    _sync(device)
+    e2e = time.perf_counter() - start
+    return {
+        "e2e_s": e2e,
+        "loop_s": timer.seconds,
+        "latents": final["latents"].float().cpu(),
+        "image": np.asarray(images),
+    }
+
+
+def measure(
+    pipe: Any, denoiser: torch.nn.Module, s: SuiteSettings, name: str, device: torch.device
+) -> Measured:
+    """Warm up (short call, then a full one), then time ``repeat`` calls of ``pipe``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    _call(pipe, denoiser, s, min(s.warmup_steps, s.steps), device)
+    first = time.perf_counter() - start
+    if getattr(getattr(pipe, "runtime", None), "plan", False) is not False:
+        # Hybrid: the adaptive window may start late, so its stages are first used in a full call.
+        _call(pipe, denoiser, s, s.steps, device)
+    result = Measured(name=name, first_call_s=first)
+    for _ in range(s.repeat):
+        run = _call(pipe, denoiser, s, s.steps, device)
+        result.e2e_s.append(run["e2e_s"])
+        result.loop_s.append(run["loop_s"])
+        result.latents, result.image = run["latents"], run["image"]
+    if device.type == "cuda":
+        result.peak_mem_gib = [torch.cuda.max_memory_allocated(device) / 2**30]
+    report = getattr(pipe, "last_report", None)
+    result.report = asdict(report) if report is not None else None
+    log.info(
+        "%s: loop %.3f s, end to end %.3f s",
+        name,
+        statistics.median(result.loop_s),
+        statistics.median(result.e2e_s),
+    )
+    return result
+
+
+def _pipeline(s: SuiteSettings, device: torch.device) -> Any:
+    from accel.testing import build_pipeline, full_size_pipeline
+
+    if s.tiny:
+        return build_pipeline(s.model)
+    return full_size_pipeline(s.model, dtype=torch.float16, device=device)
+
+
+@contextlib.contextmanager
+def _compiled_denoiser(pipe: Any) -> Iterator[None]:
+    """Configuration B: the denoiser as diffusers' docs compile it; put back afterwards."""
+    name = _denoiser_name(pipe)
+    original = getattr(pipe, name)
+    mode = None if original.device.type == "cpu" else "reduce-overhead"
+    setattr(pipe, name, torch.compile(original, mode=mode, fullgraph=True))
+    try:
+        yield
+    finally:
+        setattr(pipe, name, original)
+
+
+def single_gpu(s: SuiteSettings) -> dict[str, Measured]:
+    """Configurations A and B in this process (first GPU, or the CPU with ``tiny``)."""
+    device = torch.device("cpu") if s.tiny else torch.device("cuda", 0)
+    pipe = _pipeline(s, device)
+    denoiser = getattr(pipe, _denoiser_name(pipe))
+    out: dict[str, Measured] = {}
+    if "A" in s.configs or any(c in s.configs for c in "CDE"):
+        # A is also the exact reference every other configuration is compared with.
+        out["A"] = measure(pipe, denoiser, s, "A", device)
+    if "B" in s.configs:
+        with _compiled_denoiser(pipe):
+            # Timed on the compiled wrapper: a hook on the inner module would be traced into the graph.
+            out["B"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B", device)
+    del pipe, denoiser
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _worker(acc: Any, s: SuiteSettings) -> dict[str, dict[str, Any]]:
+    """Configurations C, D and E on every rank; rank 0 returns every rank's results."""
+    import torch.distributed as dist
+
+    import accel
+
+    device = acc.device
+    pipe = _pipeline(s, device)
+    denoiser = getattr(pipe, _denoiser_name(pipe))
+    runs: list[tuple[str, dict[str, Any]]] = []
+    if "C" in s.configs:
+        runs.append(("C", {"strategy": "cfg"}))
+    if "D" in s.configs:
+        for backend in s.backends:
+            engines = s.engines if backend == s.backends[0] else None
+            runs.append((f"D-{backend}", {"strategy": "cfg", "backend": backend, "engines": engines}))
+    if "E" in s.configs:
+        backend = s.backends[0]
+        for mode in s.window_modes:
+            runs.append(
+                (
+                    f"E-{backend}-{mode}",
+                    {
+                        "strategy": "hybrid",
+                        "backend": backend,
+                        "engines": s.engines,
+                        "window_guidance": mode,
+                        "schedule": s.schedule,
+                    },
+                )
+            )
+    results: dict[str, dict[str, Any]] = {}
+    plan_file: str | None = s.plan
+    for name, overrides in runs:
+        if overrides.get("strategy") == "hybrid" and plan_file is not None:
+            overrides["plan"] = plan_file  # one plan for every window mode: same stages, same engines
+        wrapped = accel.wrap(pipe, accelerator=acc, **overrides)
+        measured = measure(wrapped, denoiser, s, name, device)
+        plan = getattr(wrapped.runtime, "plan", None)
+        if plan is not None and plan_file is None:
+            plan_file = _shared_plan(acc, plan)
+        accel.unwrap(wrapped)
+        gathered: list[Any] = [None] * acc.world_size
+        mine = {"peak_mem_gib": measured.peak_mem_gib, "report": measured.report}
+        dist.all_gather_object(gathered, mine)
+        entry = measured.summary()
+        entry["peak_mem_gib"] = [g["peak_mem_gib"][0] if g["peak_mem_gib"] else None for g in gathered]
+        entry["per_rank"] = [_rank_report(g["report"]) for g in gathered]
+        entry["latents"], entry["image"] = measured.latents, measured.image
+        if plan is not None:
+            entry["plan"] = {
+                "stages": [list(map(list, st.segments)) for st in plan.stages],
+                "layout": plan.layout,
+                "balance": plan.balance,
+                "bytes_per_step": plan.bytes_per_step,
+            }
+        results[name] = entry
+    return results
+
+
+def _rank_report(report: dict[str, Any] | None) -> dict[str, Any]:
+    keys = (
+        "bytes_sent",
+        "pipeline_bytes",
+        "phase_seconds",
+        "compiled_stages",
+        "loaded_stages",
+        "eager_stages",
+    )
+    return {k: (report or {}).get(k) for k in keys}
+
+
+def _shared_plan(acc: Any, plan: Any) -> str:
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"accel-bench-plan-{plan.config_hash}.json"
+    if acc.rank == 0:
+        plan.save(path)
+    acc.barrier()
+    return str(path)
+
+
+def _deviation(run: dict[str, Any] | Measured, exact: Measured) -> dict[str, float]:
+    from accel.testing.measure import psnr
+
+    latents = run.latents if isinstance(run, Measured) else run["latents"]
+    image = run.image if isinstance(run, Measured) else run["image"]
+    diff = (latents - exact.latents).abs()
+    value = psnr(exact.image, image)
+    return {
+        "latent_mean_abs_err": float(diff.mean()),
+        "latent_max_abs_err": float(diff.max()),
+        "image_psnr_db": value if math.isfinite(value) else float("inf"),
+    }
+
+
+def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the suite; returns the JSON-able result (configurations, ratios, environment)."""
+    import diffusers
+
+    import accel
+
+    t0 = time.perf_counter()
+    if on_phase is not None:
+        on_phase("one GPU: A, B")
+    single = single_gpu(s)
+    multi: dict[str, dict[str, Any]] = {}
+    if any(c in s.configs for c in "CDE"):
+        if on_phase is not None:
+            on_phase("2 GPUs: C, D, E")
+        acc = accel.Accelerator(devices=2, accelerator=s.device_kind, collective_timeout_s=1800.0)
+        multi = acc.launch(_worker, s)
+    exact = single.get("A")
+    configs: dict[str, Any] = {}
+    for name, measured in single.items():
+        entry = measured.summary()
+        if exact is not None and name != "A":
+            entry.update(_deviation(measured, exact))
+        configs[name] = entry
+    for name, entry in multi.items():
+        if exact is not None:
+            entry.update(_deviation(entry, exact))
+        entry.pop("latents", None)
+        entry.pop("image", None)
+        configs[name] = entry
+    ratios = _ratios(configs)
+    return {
+        "suite": "speed",
+        "model": s.model,
+        "height": s.height,
+        "width": s.width,
+        "steps": s.steps,
+        "guidance": s.cfg_scale,
+        "batch": 1,
+        "dtype": "fp32" if s.tiny else "fp16",
+        "tiny": s.tiny,
+        "repeat": s.repeat,
+        "schedule": s.schedule,
+        "backends": list(s.backends),
+        "engines": s.engines,
+        "plan": s.plan,
+        "environment": environment(),
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "accel": accel.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "configs": configs,
+        "ratios": ratios,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def _ratios(configs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Speed-ups of every configuration over A and over B (loop and end to end)."""
+    out: dict[str, dict[str, float]] = {}
+    for base in ("A", "B"):
+        if base not in configs:
+            continue
+        for name, entry in configs.items():
+            if name == base:
+                continue
+            for metric in ("loop", "e2e"):
+                key = f"{metric}_median_s"
+                out.setdefault(name, {})[f"{metric}_vs_{base}"] = configs[base][key] / entry[key]
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """GPU, driver and CPU facts for the report."""
+    import platform
+    import subprocess
+
+    env: dict[str, Any] = {"python": platform.python_version(), "cpu_count": __import__("os").cpu_count()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpus"] = torch.cuda.device_count()
+        env["cuda"] = torch.version.cuda
+        try:
+            env["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                )
+                .stdout.split("\n")[0]
+                .strip()
+            )
+        except OSError:
+            env["driver"] = None
+    return env
+
+
+def save(result: dict[str, Any], path: Path) -> None:
+    """Write the result as JSON (atomically)."""
+    from accel.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(result, indent=2, default=str) + "\n")

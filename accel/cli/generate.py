@@ -1,0 +1,204 @@
+"""What ``accel run`` does inside each worker process: load, wrap, generate in batches, save (rank 0)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from accel.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+#: Image file suffixes ``--output`` may end in (PIL writes each by its suffix).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """Everything a worker needs (picklable: it travels to spawned processes).
+
+    ``source`` is a plan-style model source (``{"kind": "demo"|"arch"|"folder"|"hub", ...}``),
+    ``settings`` the keyword arguments of :class:`accel.AccelSettings`. Image ``i`` (counted over all
+    prompts) is generated from seed ``seed + i``, so an image does not depend on how prompts are batched.
+    """
+
+    source: dict[str, Any]
+    settings: dict[str, Any]
+    prompts: list[str]
+    negative_prompt: str | None = None
+    batch_size: int = 4
+    steps: int = 20
+    guidance: float = 5.0
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    output: str = "accel-out.png"
+    warmup: int = 0
+    progress: bool = True
+    log_level: str = "WARNING"
+
+    def batches(self) -> Iterator[tuple[int, list[str]]]:
+        """``(index of the first prompt, prompts)`` for each pipeline call."""
+        for start in range(0, len(self.prompts), self.batch_size):
+            yield start, self.prompts[start : start + self.batch_size]
+
+
+def output_paths(output: str | os.PathLike[str], count: int) -> list[Path]:
+    """Where the ``count`` images go: ``out.png``; ``out-0.png, out-1.png, ...``; or ``DIR/0000.png, ...``."""
+    out = Path(output)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:  # a folder
+        return [out / f"{i:04d}.png" for i in range(count)]
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def load_pipeline(source: dict[str, Any], *, dtype: Any, device: Any) -> Any:
+    """The whole diffusers pipeline a plan-style ``source`` names (text encoders and VAE included)."""
+    if source["kind"] in ("demo", "arch"):
+        from accel.testing import build_pipeline
+
+        kwargs: dict[str, Any] = {"device": device}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if "seed" in source:
+            kwargs["seed"] = source["seed"]
+        return build_pipeline(source["name"], **kwargs)
+    from diffusers import DiffusionPipeline
+
+    location = source["path"] if source["kind"] == "folder" else source["id"]
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    return DiffusionPipeline.from_pretrained(location, **kwargs)
+
+
+def _save(image: Any, path: Path) -> None:
+    # Written beside the target and renamed: an interrupted run never leaves a partial image behind.
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        image.save(tmp)
+
+
+@contextmanager
+def _step_progress(enabled: bool, total_images: int, steps: int) -> Iterator[Callable[[int], Any] | None]:
+    """A rich progress bar on stderr (images, and steps of the current call); yields a per-call factory of
+    ``callback_on_step_end`` functions, or ``None`` when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        images = progress.add_task("images", total=total_images)
+        step_task = progress.add_task("steps", total=steps)
+
+        def for_call(batch: int) -> Callable[..., dict[str, Any]]:
+            progress.reset(step_task, total=steps)
+
+            def on_step_end(_pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                progress.update(step_task, completed=step + 1)
+                if step + 1 == steps:
+                    progress.advance(images, batch)
+                return kwargs
+
+            return on_step_end
+
+        yield for_call
+
+
+def generate(job: GenerationJob) -> dict[str, Any]:
+    """The worker: join the process group, generate every batch, save the images on rank 0.
+
+    Returns ``{"rank", "images", "calls", "seconds"}``; ``images`` is empty on ranks other than 0. Every
+    rank computes every image (the pipeline's output is complete on each rank); only rank 0 writes.
+    """
+    import lightning  # noqa: F401  (its import sets its loggers to INFO; quieted below, after it)
+
+    import accel
+
+    # A fresh process: its log format is this worker's to choose, with the rank on every line.
+    rank = os.environ.get("RANK", "?")
+    logging.basicConfig(level=job.log_level, format=f"%(asctime)s rank {rank} %(name)s: %(message)s")
+    # Fabric announces every process group at INFO; the run's own summary says what matters.
+    for name in ("lightning.fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    acc = accel.Accelerator(settings=accel.AccelSettings(**job.settings))
+    acc.launch()
+    try:
+        result = _generate(acc, job)
+    except BaseException as exc:
+        acc.report_failure(exc)  # peers on other nodes stop now instead of at the collective timeout
+        raise
+    acc.teardown()
+    return result
+
+
+def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
+    import torch
+
+    import accel
+
+    device = acc.device
+    dtype = acc.settings.dtype
+    if dtype is None and job.source["kind"] == "arch":
+        # Full-size random-weight models: fp16 on GPUs, as `accel plan --arch` profiles them.
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = load_pipeline(job.source, dtype=dtype, device="cpu" if job.source["kind"] != "arch" else device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # accel's own bar replaces diffusers' per-rank bars
+    wrapped = acc.wrap(pipe)
+    takes_callback = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
+    paths = output_paths(job.output, len(job.prompts))
+    written: list[str] = []
+    calls: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    show = job.progress and acc.rank == 0 and takes_callback
+    try:
+        with _step_progress(show, len(job.prompts), job.steps) as progress:
+            for start, prompts in job.batches():
+                call = _call_arguments(job, start, prompts)
+                for _ in range(job.warmup if start == 0 else 0):
+                    wrapped(**call)
+                if progress is not None:
+                    call["callback_on_step_end"] = progress(len(prompts))
+                images = wrapped(**call).images
+                calls.append({**asdict(wrapped.last_report), "images": len(prompts)})
+                if acc.rank == 0:
+                    for offset, image in enumerate(images):
+                        path = paths[start + offset]
+                        _save(image, path)
+                        written.append(str(path))
+    finally:
+        accel.unwrap(wrapped)
+    return {
+        "rank": acc.rank,
+        "images": written,
+        "calls": calls,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _call_arguments(job: GenerationJob, start: int, prompts: list[str]) -> dict[str, Any]:
+    import torch
+
+    call: dict[str, Any] = dict(
+        prompt=prompts,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance,
+        # One generator per image: image i looks the same whatever the batch size.
+        generator=[torch.Generator("cpu").manual_seed(job.seed + start + i) for i in range(len(prompts))],
+    )
+    if job.negative_prompt:
+        call["negative_prompt"] = [job.negative_prompt] * len(prompts)
+    if job.height is not None:
+        call["height"] = job.height
+    if job.width is not None:
+        call["width"] = job.width
+    return call

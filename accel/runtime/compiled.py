@@ -1,0 +1,159 @@
+"""Hooks that run the denoiser and the VAE decoder through compiled stage callables.
+
+:class:`CompiledDenoiserHook` sits innermost on the denoiser (below the CFG-split or hybrid hook, which
+call it with their slice of the batch): each call runs the whole-denoiser stage ``cfg.full.<H>x<W>.b<B>``
+of a :class:`~accel.compile.runner.StageRunner`. :class:`CompiledDecoderHook` does the same for
+``vae.decoder``, on a private copy of the decoder made at wrap time, because pipelines such as SDXL's cast
+the VAE to fp32 and back on every call (new weight tensors each time, which a captured graph cannot follow).
+
+Calls the compiled stage cannot serve (gradients enabled, other non-tensor arguments than the ones the
+stage was built with) run the original forward, with one warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+
+from accel.compile.runner import StageRunner
+from accel.compile.stage import StageError, StageModule, build_stage
+from accel.models import DenoiserAdapter, adapt
+from accel.runtime.guidance import _map_output
+
+log = logging.getLogger(__name__)
+
+COMPILED_HOOK = "accel.compiled"
+DECODER_HOOK = "accel.compiled_decoder"
+
+
+def stage_bucket(height: int, width: int, batch: int) -> str:
+    """The shape part of an engine key (as :func:`accel.compile.engines.stage_jobs` names stages)."""
+    return f"{height}x{width}.b{batch}"
+
+
+def tensor_signature(tree: Any) -> tuple[Any, ...]:
+    """Shapes and dtypes of every tensor in ``tree`` (nested dicts/lists/tuples), in order."""
+    out: list[Any] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            out.append((tuple(value.shape), value.dtype))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                out.append(k)
+                walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+        elif value is None or isinstance(value, bool | int | float | str):
+            out.append(value)
+        else:
+            out.append(type(value).__name__)
+
+    walk(tree)
+    return tuple(out)
+
+
+class CompiledDenoiserHook(ModelHook):
+    """Runs the denoiser's forward as the compiled whole-denoiser stage of ``runner``.
+
+    Args:
+        runner: compiles or loads the stage callables.
+        vae_scale_factor: pixels per latent, to name the stage's image size as ``accel plan`` does.
+    """
+
+    _is_stateful = False
+
+    def __init__(self, runner: StageRunner, vae_scale_factor: int = 8) -> None:
+        super().__init__()
+        self.runner = runner
+        self.vae_scale_factor = vae_scale_factor
+        self.adapter: DenoiserAdapter | None = None
+        self._stages: dict[tuple[Any, ...], tuple[StageModule, Callable[..., Any], Any]] = {}
+        self._warned: set[str] = set()
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        assert forward is not None, "the hook registry sets original_forward for hooks with new_forward"
+        if torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        if self.adapter is None:
+            self.adapter = adapt(module)
+        sample = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if sample is None:
+            sample = kwargs.get("sample", kwargs.get("hidden_states"))
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            return self._eager(forward, args, kwargs, "the first input is not a 4-d latent")
+        scale = self.vae_scale_factor
+        key = "cfg.full." + stage_bucket(sample.shape[-2] * scale, sample.shape[-1] * scale, sample.shape[0])
+        memo = (key, tensor_signature(args), tensor_signature(kwargs))
+        entry = self._stages.get(memo)
+        if entry is None:
+            stage, inputs = build_stage(self.adapter, 0, len(self.adapter.units), args, kwargs, whole=True)
+            fn = self.runner.get(key, stage, inputs, cache_key=memo)
+            # One eager call gives the output structure (tuple or output class) to return later.
+            template = forward(*args, **kwargs)
+            entry = self._stages[memo] = (stage, fn, template)
+        stage, fn, template = entry
+        try:
+            flat = stage.forward_inputs(*args, **kwargs)
+        except StageError as exc:
+            return self._eager(forward, args, kwargs, str(exc))
+        # A copy: compiled outputs are reused by the next call, and schedulers may keep predictions.
+        prediction = fn(*flat)[0].clone()
+        return _map_output(template, lambda _t: prediction)
+
+    def _eager(self, forward: Callable[..., Any], args: Any, kwargs: Any, why: str) -> Any:
+        if why not in self._warned:
+            self._warned.add(why)
+            log.warning("denoiser call runs eagerly: %s", why)
+        return forward(*args, **kwargs)
+
+
+class _DecoderStage(torch.nn.Module):
+    """The VAE decoder as ``forward(z) -> (image,)`` (flat tensors, as compilers and exporters want)."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.decoder(z),)
+
+
+class CompiledDecoderHook(ModelHook):
+    """Runs ``vae.decoder(z)`` through ``runner`` on a private copy of the decoder.
+
+    The copy is taken when the hook is made (wrap time) and cast to the dtype ``z`` arrives in, so the
+    pipeline's own fp32 upcasting of the VAE changes nothing for the compiled decoder. Weight changes
+    made to the VAE after wrapping are not seen: wrap again after loading other VAE weights.
+    """
+
+    _is_stateful = False
+
+    def __init__(self, runner: StageRunner, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.runner = runner
+        self._source = copy.deepcopy(decoder).eval().requires_grad_(False)
+        self._copies: dict[torch.dtype, _DecoderStage] = {}
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        assert forward is not None, "the hook registry sets original_forward for hooks with new_forward"
+        extra = [v for v in (*args[1:], *kwargs.values()) if v is not None]
+        if torch.is_grad_enabled() or len(args) != 1 or not isinstance(args[0], torch.Tensor) or extra:
+            return forward(*args, **kwargs)
+        z = args[0]
+        stage = self._copies.get(z.dtype)
+        if stage is None:
+            # A copy per dtype: Module.to casts in place, and the source must stay as it was.
+            decoder = copy.deepcopy(self._source).to(z.device, z.dtype)
+            stage = self._copies[z.dtype] = _DecoderStage(decoder)
+        key = f"vae.decoder.{stage_bucket(z.shape[-2], z.shape[-1], z.shape[0])}.{str(z.dtype)[6:]}"
+        fn = self.runner.get(key, stage, (z,), cache_key=(key, str(z.device)))
+        return fn(z)[0].clone()

@@ -1,0 +1,68 @@
+"""Run the speed suite (A-E) for one model and size and write its JSON result; see ``accel bench --help``.
+
+    python benchmarks/suite.py --model sdxl -o docs/benchmarks/suite/sdxl-1024.json
+    python benchmarks/suite.py --model sdxl --height 2048 --width 2048 --configs A,B,D -o sdxl-2048.json
+    python benchmarks/suite.py --model sd3 --tiny --steps 3 --configs A,C -o /tmp/dry.json   # CPU dry run
+
+The same as ``accel bench --model ...``, without the CLI's dependencies (for the bare GPU host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from accel.bench.speed import CONFIGS, WINDOW_MODES, SuiteSettings, run_suite, save
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(v for v in text.split(",") if v)
+
+
+def _schedule(text: str) -> object:
+    if "," in text:
+        start, end = (int(v) for v in text.split(","))
+        return (start, end)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--model", default="sdxl", choices=["sdxl", "sd3"])
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--configs", type=_csv, default=CONFIGS)
+    parser.add_argument("--backends", type=_csv, default=("inductor",))
+    parser.add_argument("--window-modes", type=_csv, default=WINDOW_MODES)
+    parser.add_argument("--schedule", type=_schedule, default="adaptive")
+    parser.add_argument("--engines", default=None)
+    parser.add_argument("--plan", default=None)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = SuiteSettings(
+        model=args.model,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        repeat=args.repeat,
+        configs=args.configs,
+        backends=args.backends,
+        window_modes=args.window_modes,
+        schedule=args.schedule,
+        engines=args.engines,
+        plan=args.plan,
+        tiny=args.tiny,
+    )
+    result = run_suite(settings, on_phase=lambda phase: logging.info("phase: %s", phase))
+    save(result, args.output)
+    logging.info("wrote %s\n%s", args.output, json.dumps(result["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The launcher behind `accel run`: launch specs, the layout a launched Accelerator adopts, the example
+scripts under `accel run`, and a two-node run on one machine (two `accel run` processes, one gloo worker each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import py_compile
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import accel
+from accel.cli import app as cli
+from accel.launch import LaunchSpec, free_port, launched_environment
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"devices": 0}, "devices must be a positive integer"),
+        ({"num_nodes": 2, "node_rank": 2, "master_port": 29500}, "outside 0..1"),
+        ({"num_nodes": 2}, "needs master_port"),
+        ({"master_port": 70000}, "not a TCP port"),
+        ({"join_timeout_s": 0}, "join_timeout_s must be > 0"),
+    ],
+)
+def test_launch_spec_refuses_bad_layouts(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        LaunchSpec(**kwargs)
+
+
+def _launched(monkeypatch, world: int, local: int, rank: int = 0) -> None:
+    env = {"TORCHELASTIC_RUN_ID": "t", "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": local, "RANK": rank}
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+
+
+def test_a_launched_accelerator_takes_the_launchers_layout(monkeypatch) -> None:
+    assert launched_environment() is None or "TORCHELASTIC_RUN_ID" in os.environ
+    _launched(monkeypatch, world=2, local=1, rank=1)
+    assert launched_environment() == {
+        "rank": 1,
+        "local_rank": 0,
+        "world_size": 2,
+        "local_world_size": 1,
+        "node_rank": 0,
+    }
+    # The script says devices=2 on one node; the launcher started 1 process on each of 2 nodes.
+    settings = accel.Accelerator(devices=2, accelerator="cpu").settings
+    assert (settings.devices, settings.num_nodes) == (1, 2)
+    _launched(monkeypatch, world=3, local=3)
+    with pytest.raises(accel.SettingsError, match="world size 3"):
+        accel.Accelerator(devices=2, accelerator="cpu")
+    _launched(monkeypatch, world=3, local=2)
+    with pytest.raises(accel.SettingsError, match="same number of processes on every node"):
+        accel.Accelerator(devices=2, accelerator="cpu")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_compile(path) -> None:
+    py_compile.compile(str(path), doraise=True)
+
+
+def test_tiny_example_runs_under_accel_run(tmp_path) -> None:
+    cli._register()
+    out = tmp_path / "tiny.png"
+    script = REPO / "examples" / "tiny_demo.py"
+    args = ["run", str(script), "--devices", "2", "--accelerator", "cpu", "--json"]
+    result = CliRunner().invoke(cli.app, [*args, "--", "--steps", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"ok": True, "script": str(script), "world_size": 2}
+    assert Image.open(out).size == (128, 128)
+
+
+def test_two_nodes_on_one_machine(tmp_path) -> None:
+    port = free_port()
+    out = tmp_path / "two-nodes.png"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accel", "run", "--demo", "sd3", "--accelerator", "cpu", "--steps", "2"]
+            + ["--devices", "1", "--num-nodes", "2", "--node-rank", str(rank)]
+            + ["--master-addr", "127.0.0.1", "--master-port", str(port), "--timeout", "120"]
+            + ["-o", str(out), "--json"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (1, 0)  # the second node may start first: it waits for node 0
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-3000:]
+    node1, node0 = (json.loads(stdout) for stdout, _ in outputs)
+    assert (node0["world_size"], node0["node_rank"], node1["node_rank"]) == (2, 0, 1)
+    assert node0["calls"][0]["collectives"] == 2  # the two CFG branches on two "nodes", one gather per step
+    assert node0["images"] == [str(out)] and node1["images"] == []
+    assert Image.open(out).size == (128, 128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two-nodes.png"]
