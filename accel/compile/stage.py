@@ -175,7 +175,9 @@ class StageModule(torch.nn.Module):
             raise StageError(
                 f"stage [{self.start}, {self.end}) needs {', '.join(missing)}, which the call lacks."
             )
-        flat = tuple(tensors[n] for n in self.input_names)
+        # Contiguous, as the stage was built and exported: compiled engines assume the example's strides,
+        # and pipelines pass views such as SD3's `t.expand(batch)` timestep (stride 0).
+        flat = tuple(tensors[n].contiguous() for n in self.input_names)
         for spec, tensor in zip(self.inputs, flat, strict=True):
             if tuple(tensor.shape) != spec.shape:
                 raise StageError(
@@ -269,6 +271,7 @@ def build_stage(
     if whole:
         tensors: dict[str, torch.Tensor] = {}
         template = _flatten(_bind(adapter.model, args, kwargs), FORWARD_PREFIX.rstrip("."), tensors)
+        tensors = {n: t.contiguous() for n, t in tensors.items()}
         specs = [TensorSpec.of(n, t) for n, t in tensors.items()]
         stage = StageModule(
             adapter, 0, len(adapter.units), whole=True, template=template, inputs=specs, outputs=("sample",)
@@ -289,7 +292,7 @@ def build_stage(
         state = adapter.with_tensors(state.context, boundary, start)
         adapter.run(state, start, end)
         outputs = tuple(adapter.state_tensors(state, end))
-    tensors = {**named_context, **boundary}
+    tensors = {n: t.contiguous() for n, t in {**named_context, **boundary}.items()}
     specs = [TensorSpec.of(n, t) for n, t in tensors.items()]
     stage = StageModule(adapter, start, end, whole=False, template=template, inputs=specs, outputs=outputs)
     return stage, tuple(tensors.values())
