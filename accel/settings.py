@@ -57,12 +57,14 @@ class AccelSettings:
         num_nodes: nodes taking part; the world size is ``devices * num_nodes``.
         accelerator: ``"cuda"`` (NCCL), ``"cpu"`` (gloo), or ``"auto"`` (CUDA when present).
         strategy: ``"cfg"`` splits the classifier-free-guidance branches across devices (exact);
-            ``"hybrid"`` does that too, and pipelines the denoiser across the devices (one plan stage each,
-            stale activations) for a window of steps chosen by ``schedule``.
-        window_guidance: guidance inside the pipelined window (``strategy="hybrid"``): ``"reference"``
-            (the published behaviour: guidance dropped, stages fed mixed conditioning), ``"cached"``
-            (pipeline the conditional branch, re-apply the last measured ``eps_c - eps_u``), ``"off"``
-            (conditional branch only).
+            ``"hybrid"`` does that too, and pipelines the denoiser for a window of steps chosen by
+            ``schedule`` (stale activations): on 2 devices one plan stage per device, on ``2k > 2`` devices
+            each CFG group of ``k`` pipelines its own branch over ``k`` stages (docs/scaling.md).
+        window_guidance: guidance inside the 2-device pipelined window (``strategy="hybrid"``):
+            ``"reference"`` (the published behaviour: guidance dropped, stages fed mixed conditioning),
+            ``"cached"`` (pipeline the conditional branch, re-apply the last measured ``eps_c - eps_u``),
+            ``"off"`` (conditional branch only). Ignored on ``2k > 2`` devices, where both branches are
+            pipelined and guidance uses both (logged at INFO when set to another value than the default).
         schedule: when to pipeline (``strategy="hybrid"``): a :class:`ScheduleSettings`, or ``"adaptive"``
             (the published slope rule, the default), ``"always"``, ``"never"``, or a fixed ``(start, end)``
             window of 0-based steps (inclusive).
@@ -134,13 +136,6 @@ class AccelSettings:
             raise SettingsError(
                 f"world size {world} (devices={self.devices} x num_nodes={self.num_nodes}) is odd: "
                 "the two guidance branches need an even number of devices. Use 1, 2 or another even count."
-            )
-        if self.strategy == "hybrid" and world not in (1, 2):
-            raise SettingsError(
-                f"strategy='hybrid' pipelines the denoiser over 2 devices; world size {world} "
-                f"(devices={self.devices} x num_nodes={self.num_nodes}) has no k-stage window yet. Use "
-                f"strategy='cfg' on {world} devices (two CFG groups of {world // 2}, each splitting its "
-                "branch's batch or, for DiTs, its image tokens; exact), or devices=2 for the hybrid window."
             )
 
     @property

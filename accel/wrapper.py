@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 from diffusers.hooks import HookRegistry
 
+from accel.runtime.group_pipeline import GroupPipelineHook
 from accel.runtime.guidance import HOOK_NAME, CFGSplitHook
 from accel.runtime.pipeline import HybridHook
+from accel.runtime.window import WindowHook, WindowOptions
 
 if TYPE_CHECKING:
     from accel.accelerator import Accelerator
@@ -140,7 +142,8 @@ class AcceleratedPipeline:
 
     @property
     def runtime(self) -> CFGSplitHook | None:
-        """The denoiser hook (``HybridHook`` for ``strategy="hybrid"``; ``None`` with one process).
+        """The denoiser hook (``None`` with one process): ``CFGSplitHook`` for ``strategy="cfg"``; for
+        ``strategy="hybrid"`` ``HybridHook`` on 2 processes, ``GroupPipelineHook`` on ``2k > 2``.
 
         ``pipe.runtime.recorder = records.append`` collects a ``StepRecord`` per denoiser call (tests).
         """
@@ -173,7 +176,7 @@ class AcceleratedPipeline:
             acc.report_failure(exc)
             raise
         extra: dict[str, Any] = {}
-        if isinstance(hook, HybridHook):
+        if isinstance(hook, WindowHook):
             stats = hook.end_call()
             extra = dict(
                 strategy="hybrid",
@@ -286,9 +289,18 @@ def wrap_pipeline(
         from accel.plan import PlanError, load_plan
 
         problem: PlanError | None = None
+        stages = accelerator.layout.window_stages
         try:
             loaded = load_plan(settings.plan)
-            loaded.validate_for(denoiser, devices=accelerator.world_size)
+            try:
+                loaded.validate_for(denoiser, devices=stages)
+            except PlanError as exc:
+                if stages == accelerator.world_size:
+                    raise
+                raise PlanError(
+                    f"on {accelerator.world_size} devices each CFG group of {stages} ranks pipelines its "
+                    f"branch over {stages} stages: {exc}"
+                ) from None
             status = json.dumps(loaded.to_dict(), sort_keys=True)
         except PlanError as exc:
             problem, status = exc, f"unusable: {exc}"
@@ -306,17 +318,21 @@ def wrap_pipeline(
             return bool(getattr(pipe, "do_classifier_free_guidance", False))
 
         if settings.strategy == "hybrid":
-            hook = HybridHook(
-                comm,
-                owns_result=guided,
+            stages = accelerator.layout.window_stages
+            options: WindowOptions = dict(
                 guided=guided,
                 num_steps=lambda: _num_steps(pipe),
                 schedule=settings.schedule,
-                window_guidance=settings.window_guidance,
-                get_plan=_PlanSource(pipe, denoiser, loaded, comm.rank, accelerator.world_size),
+                get_plan=_PlanSource(pipe, denoiser, loaded, comm.rank, stages),
                 runner=runner,
                 vae_scale_factor=int(getattr(pipe, "vae_scale_factor", 8) or 8),
             )
+            if comm.world_size == 2:
+                hook = HybridHook(comm, guided, window_guidance=settings.window_guidance, **options)
+            else:
+                if comm.rank == 0:
+                    _note_window_guidance(settings, comm.world_size, stages)
+                hook = GroupPipelineHook(comm, guided, **options)
         else:
             hook = CFGSplitHook(comm, owns_result=guided)
         # Registered last, so it is outermost: it slices the batch, then calls the compiled stage.
@@ -355,16 +371,35 @@ def _num_steps(pipe: Any) -> int | None:
     return len(timesteps) if timesteps is not None else None
 
 
+def _note_window_guidance(settings: AccelSettings, world: int, stages: int) -> None:
+    """On ``2k > 2`` devices the window pipelines both branches, so ``window_guidance`` has nothing to
+    choose: say so (once per wrap, on rank 0) where it was set to something else than the default."""
+    default = type(settings)().window_guidance
+    if settings.window_guidance != default:
+        log.info(
+            "window_guidance=%r is ignored on %d devices: each CFG group pipelines its own branch over %d "
+            "stages, so guidance in the window uses both branches (exact apart from stale activations).",
+            settings.window_guidance,
+            world,
+            stages,
+        )
+
+
 class _PlanSource:
     """The plan for a call's shape: the loaded plan file (validated for the shape), or one made by
-    profiling on rank 0 at that shape and broadcast, so that every rank cuts the model alike."""
+    profiling on rank 0 at that shape and broadcast, so that every rank cuts the model alike.
 
-    def __init__(self, pipe: Any, model: torch.nn.Module, loaded: Plan | None, rank: int, world: int) -> None:
+    ``stages``: the plan's stage count (2 on 2 devices, ``k`` on ``2k > 2``: one per rank of a CFG group).
+    """
+
+    def __init__(
+        self, pipe: Any, model: torch.nn.Module, loaded: Plan | None, rank: int, stages: int
+    ) -> None:
         self.pipe = pipe
         self.model = model
         self.loaded = loaded
         self.rank = rank
-        self.world = world
+        self.stages = stages
         self.made: dict[tuple[Any, ...], Plan] = {}
 
     def __call__(
@@ -381,7 +416,7 @@ class _PlanSource:
         height, width = int(sample.shape[-2]) * scale, int(sample.shape[-1]) * scale
         if self.loaded is not None:
             self.loaded.validate_for(
-                self.model, height=height, width=width, batch=batch, devices=self.world, check_weights=False
+                self.model, height=height, width=width, batch=batch, devices=self.stages, check_weights=False
             )
             return self.loaded
         text = kwargs.get("encoder_hidden_states")
@@ -401,7 +436,7 @@ class _PlanSource:
                 },
                 height=height,
                 width=width,
-                devices=self.world,
+                devices=self.stages,
                 batch=batch,
                 vae_scale_factor=scale,
                 text_len=text_len,

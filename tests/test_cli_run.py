@@ -82,8 +82,8 @@ BAD_INPUT = [
     (["run", "--demo", "sdxl", "--devices", "3", "--accelerator", "cpu"], "world size 3"),
     (["run", "--demo", "sdxl", "--devices", "2", "--accelerator", "cuda"], "CUDA devices were requested"),
     (
-        ["run", "--demo", "sdxl", "--devices", "4", "--accelerator", "cpu", "--strategy", "hybrid"],
-        "world size 4",
+        ["run", "--demo", "sdxl", "--devices", "3", "--accelerator", "cpu", "--strategy", "hybrid"],
+        "world size 3",
     ),
     (["run", "--demo", "sdxl", "--precision", "fp8"], "precision='fp8'"),
     (["run", "--demo", "sdxl", "--strategy", "pipe"], "strategy='pipe'"),
@@ -135,7 +135,7 @@ def test_run_refuses_plans_that_cannot_run(runner, sd3_plan, tmp_path) -> None:
     shapes = [
         (["--height", "128", "--width", "128"], "128x128 is not one of its resolutions (64x64)"),
         (["--batch-size", "2"], "a call of 2 prompt(s) is not one of its batch sizes [1]"),
-        (["--devices", "4"], "has 2 stages, this run has 4 processes"),
+        (["--devices", "6"], "has 2 stages, this run has 6 processes"),
     ]
     for extra, message in shapes:
         result = runner.invoke(

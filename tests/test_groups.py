@@ -15,15 +15,16 @@ from test_cfg_split import _count_collectives, _generate
 import accel
 from accel.models import DenoiserAdapter, adapt
 from accel.partition import Partition, partition
+from accel.plan import Plan
 from accel.runtime.comm import Communicator
-from accel.runtime.group_pipeline import GroupPipelineHook, GroupStageExecutor
+from accel.runtime.group_pipeline import GroupPipelineHook
 from accel.runtime.groups import GroupLayout, LayoutError
 from accel.runtime.guidance import HOOK_NAME, BatchSplit, CFGSplitHook, _batch_of, _map_output, slice_batch
-from accel.runtime.pipeline import PREDICTION, _first_tensor
 from accel.runtime.schedule import ScheduleSettings
 from accel.runtime.sequence import UlyssesJointAttnProcessor, model_problem, size_problem
+from accel.runtime.stages import PREDICTION, StageExecutor, first_tensor
 from accel.testing import build_pipeline
-from accel.wrapper import _num_steps, find_denoiser
+from accel.wrapper import _note_window_guidance, _num_steps, find_denoiser
 
 WORLD = 4
 # (name, family, call kwargs); STEPS and GUIDANCE come from test_cfg_split's _generate.
@@ -39,6 +40,8 @@ CASES_BY_NAME = [(name, kwargs) for name, _family, kwargs in CASES]
 # The group pipeline (each CFG group pipelines its branch over 2 stages): windows of the 4-step loop.
 WINDOWS = {"prime-only": (2, 2), "window": (1, 3)}
 PIPELINE_CALL = dict(prompt="a red digit seven")
+# strategy="hybrid" through accel.wrap: a whole-branch first window step, then one pipelined step.
+HYBRID_WINDOW = (1, 2)
 
 
 def _denoiser(family: str) -> Any:
@@ -133,10 +136,22 @@ def test_six_ranks_with_four_heads_fall_back_to_whole_branches(caplog) -> None:
 
 
 @pytest.mark.parametrize("devices", [4, 6, 8])
-def test_even_world_sizes_are_accepted_for_cfg(devices: int) -> None:
+def test_even_world_sizes_are_accepted_for_both_strategies(devices: int) -> None:
     assert accel.AccelSettings(devices=devices, accelerator="cpu").world_size == devices
-    with pytest.raises(accel.SettingsError, match=f"strategy='cfg' on {devices} devices"):
-        accel.AccelSettings(devices=devices, accelerator="cpu", strategy="hybrid")
+    hybrid = accel.AccelSettings(devices=devices, accelerator="cpu", strategy="hybrid")
+    assert GroupLayout(hybrid.world_size).window_stages == devices // 2
+    with pytest.raises(accel.SettingsError, match="is odd"):
+        accel.AccelSettings(devices=devices + 1, accelerator="cpu", strategy="hybrid")
+    assert [GroupLayout(w).window_stages for w in (1, 2)] == [1, 2]
+
+
+def test_window_guidance_is_noted_as_ignored_on_groups(caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="accel.wrapper"):
+        _note_window_guidance(accel.AccelSettings(devices=4, strategy="hybrid"), 4, 2)  # the default
+        assert not caplog.records
+        _note_window_guidance(accel.AccelSettings(devices=4, strategy="hybrid", window_guidance="off"), 4, 2)
+    (record,) = caplog.records
+    assert "window_guidance='off' is ignored on 4 devices" in record.getMessage()
 
 
 # -- 4 gloo processes ------------------------------------------------------------------------------
@@ -156,6 +171,11 @@ def _worker(acc: accel.Accelerator, out_dir: str) -> None:
     for family, pipe in pipes.items():  # before _count_collectives: P2POp refuses a patched dist.isend
         for name, window in WINDOWS.items():
             results[f"{family}-{name}"] = _run_group_pipeline(comm, pipe, window)
+        results[f"{family}-hybrid"] = _run_hybrid(acc, pipe, family, out_dir)
+    # Window segments routed through a stage runner (as compiled backends do), here one that runs them eagerly.
+    runner = _EagerRunner()
+    results["sdxl-window-runner"] = _run_group_pipeline(comm, pipes["sdxl"], WINDOWS["window"], runner)
+    results["runner-keys"] = runner.keys
     before = _processors(pipes["sd3"].transformer)
     wrapped = {family: accel.wrap(pipe, accelerator=acc) for family, pipe in pipes.items()}
     results["sequence"] = {f: getattr(w.runtime, "sequence", None) is not None for f, w in wrapped.items()}
@@ -186,7 +206,57 @@ def _equal_plan(adapter: DenoiserAdapter, args: Any, kwargs: Any, rows: int) -> 
     return partition([1.0] * len(adapter.units), 2, edges, adapter.family)
 
 
-def _run_group_pipeline(comm: Communicator, pipe: Any, window: tuple[int, int]) -> dict[str, Any]:
+class _EagerRunner:
+    """A stage runner that hands back each stage module itself (eager), noting the engine keys asked for."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def get(self, key: str, module: Any, example_inputs: Any, *, cache_key: Any = None) -> Any:
+        self.keys.append(key)
+        return module
+
+
+def _run_hybrid(acc: accel.Accelerator, pipe: Any, family: str, out_dir: str) -> dict[str, Any]:
+    """strategy="hybrid" through accel.wrap (plan profiled at the first call), with a plan file (SDXL), and
+    with schedule="never"."""
+    results: dict[str, Any] = {}
+    wrapped = accel.wrap(
+        pipe, accelerator=acc, strategy="hybrid", schedule=HYBRID_WINDOW, window_guidance="reference"
+    )
+    records: list[Any] = []
+    wrapped.runtime.recorder = records.append
+    steps: list[torch.Tensor] = []
+    images = _generate(wrapped, PIPELINE_CALL, steps)
+    plan = wrapped.runtime.plan
+    results["window"] = {
+        "images": images,
+        "steps": steps,
+        "report": wrapped.last_report,
+        "records": records,
+        "hook": type(wrapped.runtime).__name__,
+        "plan": plan.to_dict(),
+    }
+    accel.unwrap(wrapped)
+    if family == "sdxl":  # a 2-stage plan file is validated at wrap for groups of 2 and reproduces the run
+        plan_file = f"{out_dir}/{family}.plan.json"
+        if acc.rank == 0:
+            plan.save(plan_file)
+        acc.barrier()
+        wrapped = accel.wrap(pipe, accelerator=acc, strategy="hybrid", schedule=HYBRID_WINDOW, plan=plan_file)
+        results["plan-file"] = _generate(wrapped, PIPELINE_CALL)
+        accel.unwrap(wrapped)
+    wrapped = accel.wrap(pipe, accelerator=acc, strategy="hybrid", schedule="never")
+    steps = []
+    images = _generate(wrapped, PIPELINE_CALL, steps)
+    results["never"] = {"images": images, "steps": steps, "report": wrapped.last_report}
+    accel.unwrap(wrapped)
+    return results
+
+
+def _run_group_pipeline(
+    comm: Communicator, pipe: Any, window: tuple[int, int], runner: Any = None
+) -> dict[str, Any]:
     denoiser = find_denoiser(pipe)[1]
     hook = GroupPipelineHook(
         comm,
@@ -195,6 +265,8 @@ def _run_group_pipeline(comm: Communicator, pipe: Any, window: tuple[int, int]) 
         num_steps=lambda: _num_steps(pipe),
         schedule=ScheduleSettings.parse(window),
         get_plan=_equal_plan,
+        runner=runner,
+        vae_scale_factor=pipe.vae_scale_factor,
     )
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     registry.register_hook(hook, HOOK_NAME)
@@ -214,6 +286,9 @@ def _run_group_pipeline(comm: Communicator, pipe: Any, window: tuple[int, int]) 
         "window": stats.window,
         "phase_steps": dict(stats.steps),
         "stage_units": [u for lo, hi in executor.segments[executor.stage] for u in range(lo, hi)],
+        "segments": executor.segments,
+        "compiled": sorted(executor.compiled),
+        "vae_scale_factor": pipe.vae_scale_factor,
         "outgoing": sorted(f"{n}@{p}" for keys in executor.outgoing.values() for n, p in keys),
     }
 
@@ -226,7 +301,7 @@ class _EmulatedGroups(ModelHook):
         super().__init__()
         self.window = window
         self.calls = 0
-        self.executors: list[list[GroupStageExecutor]] = []
+        self.executors: list[list[StageExecutor]] = []
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
@@ -250,7 +325,7 @@ class _EmulatedGroups(ModelHook):
                 edges = adapter.trace(*b_args, **b_kwargs)
                 self.executors.append(
                     [
-                        GroupStageExecutor(
+                        StageExecutor(
                             adapter, stages, edges, stage=j, peers=[0, 1], device=torch.device("cpu")
                         )
                         for j in range(2)
@@ -270,7 +345,7 @@ class _EmulatedGroups(ModelHook):
                     for key in keys:
                         stage_executors[dest].slots[1 - slot][key].copy_(results[j][1][key])
             outputs.append(results[stage_executors[0].last_stage][0])
-        sample = torch.cat([_first_tensor(o) for o in outputs])
+        sample = torch.cat([first_tensor(o) for o in outputs])
         return _map_output(outputs[0], lambda _t: sample)
 
 
@@ -333,6 +408,7 @@ def test_four_ranks_equal_one_process(tmp_path) -> None:
         assert r["restored"] and r["after_unwrap_collectives"] == 0
         assert torch.equal(r["after_unwrap"], reference["sd3-b1"])
     _check_group_pipeline(ranks, reference, emulated)
+    _check_hybrid(ranks)
 
 
 def _check_group_pipeline(ranks: list[dict], reference: dict, emulated: dict) -> None:
@@ -375,3 +451,54 @@ def _check_group_pipeline(ranks: list[dict], reference: dict, emulated: dict) ->
                     assert PREDICTION in sent
         if family == "sdxl":  # a window of one step is a whole-branch step: the exact run, bit for bit
             assert torch.equal(ranks[0][f"{family}-prime-only"]["images"], exact["images"])
+
+
+def _check_hybrid(ranks: list[dict]) -> None:
+    """strategy="hybrid" on 4 ranks selects the group pipeline; "never" is the CFG-group run, bit for bit."""
+    first, last = HYBRID_WINDOW
+    for family in ("sdxl", "sd3"):
+        exact = ranks[0][f"{family}-b1"]  # strategy="cfg", same prompt and seed
+        run = ranks[0][f"{family}-hybrid"]["window"]
+        n_steps = len(exact["steps"])
+        plan = Plan.from_dict(run["plan"])
+        assert len(plan.stages) == 2 and plan.devices == 2
+        for rank, r in enumerate(ranks):
+            result = r[f"{family}-hybrid"]
+            window = result["window"]
+            assert window["hook"] == "GroupPipelineHook"
+            assert Plan.from_dict(window["plan"]) == plan
+            assert torch.equal(window["images"], run["images"]), f"{family}: ranks disagree"
+            for s, (a, b) in enumerate(zip(window["steps"], run["steps"], strict=True)):
+                assert torch.equal(a, b), f"{family}: latents differ across ranks at step {s}"
+            report = window["report"]
+            assert (report.strategy, report.window) == ("hybrid", HYBRID_WINDOW)
+            assert report.steps == {"cfg": n_steps - (last - first + 1), "pipeline": last - first + 1}
+            assert set(report.phase_seconds) == {"cfg", "pipeline"} and report.pipeline_bytes > 0
+            # The first window step runs whole and still measures the branch gap; pipelined steps do not.
+            assert [math.isnan(x) for x in report.rates] == [first < s <= last for s in range(n_steps)]
+            for record in window["records"]:
+                assert record.phase == ("pipeline" if first <= record.step <= last else "cfg")
+                if first < record.step <= last:
+                    assert record.units == tuple(plan.stages[rank % 2].units()), (family, rank, record)
+                    assert [name for name, _ in record.sent] == [PREDICTION]  # last step: nothing to hand on
+            never = result["never"]
+            assert torch.equal(never["images"], exact["images"]), f"{family}: schedule='never' is not cfg"
+            assert all(torch.equal(a, b) for a, b in zip(never["steps"], exact["steps"], strict=True))
+            assert never["report"].window is None and never["report"].steps == {"cfg": n_steps, "pipeline": 0}
+        for s in range(first):  # before the window: the CFG-group run, bit for bit
+            assert torch.equal(run["steps"][s], exact["steps"][s]), f"{family}: step {s} differs"
+        assert not torch.equal(run["images"], exact["images"]) and torch.isfinite(run["images"]).all()
+    assert all(
+        torch.equal(r["sdxl-hybrid"]["plan-file"], ranks[0]["sdxl-hybrid"]["window"]["images"]) for r in ranks
+    )
+    # Segments through a stage runner: every segment of both stages under its engine key, same output.
+    for r in ranks:
+        runner_run, eager_run = r["sdxl-window-runner"], r["sdxl-window"]
+        assert torch.equal(runner_run["images"], eager_run["images"])
+        assert runner_run["compiled"] == sorted(seg for segs in runner_run["segments"] for seg in segs)
+        height, width = (n * runner_run["vae_scale_factor"] for n in runner_run["images"].shape[-2:])
+        assert r["runner-keys"] == [
+            f"window.s{k}.u{lo}-{hi}.{height}x{width}.b1"
+            for k, segs in enumerate(runner_run["segments"])
+            for lo, hi in segs
+        ]

@@ -218,8 +218,8 @@ def test_hybrid(family: str, tmp_path) -> None:
 
 
 def test_settings_errors_before_any_process_starts() -> None:
-    with pytest.raises(accel.SettingsError, match="2 devices"):
-        accel.Accelerator(devices=4, accelerator="cpu", strategy="hybrid")
+    with pytest.raises(accel.SettingsError, match="world size 3 .* is odd"):
+        accel.Accelerator(devices=3, accelerator="cpu", strategy="hybrid")
     acc = accel.Accelerator(devices=1, accelerator="cpu")
     with pytest.raises(accel.SettingsError, match="cannot change per pipeline"):
         acc.wrap(object(), devices=2)

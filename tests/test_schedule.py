@@ -22,7 +22,7 @@ from accel.runtime.schedule import (
 from accel.settings import AccelSettings, SettingsError
 
 SDXL = ScheduleSettings().resolve("unet")  # L=12, eps=4e-4, k=5, tau_cap=15
-SD3 = ScheduleSettings().resolve("dit")  # L=15, eps=5e-4, k=5, tau_cap=40
+SD3 = ScheduleSettings().resolve("dit")  # L=15, eps=5e-4, k=5, tau_cap=20 (published: 40)
 
 
 def _plateau_at(n: int, flat_from: int, *, high: float = 1.0, drop: float = 0.05) -> list[float]:
@@ -32,7 +32,7 @@ def _plateau_at(n: int, flat_from: int, *, high: float = 1.0, drop: float = 0.05
 
 def test_family_defaults() -> None:
     assert (SDXL.lookback, SDXL.eps, SDXL.k, SDXL.tau_cap) == (12, 4e-4, 5, 15)
-    assert (SD3.lookback, SD3.eps, SD3.k, SD3.tau_cap) == (15, 5e-4, 5, 40)
+    assert (SD3.lookback, SD3.eps, SD3.k, SD3.tau_cap) == (15, 5e-4, 5, 20)
     custom = ScheduleSettings(lookback=3, eps=1e-2, k=2, tau_cap=6).resolve("unet")
     assert (custom.lookback, custom.eps, custom.k, custom.tau_cap) == (3, 1e-2, 2, 6)
 
@@ -71,8 +71,8 @@ def test_fallback_path_switches_at_tau_cap() -> None:
     assert window_for(settings, rates, 30) == (7, 9)
     # Published SDXL defaults on a steadily falling curve: tau1 = 15, window 16..20.
     assert window_for(SDXL, [1.0 - 0.01 * i for i in range(50)], 50) == (16, 20)
-    # SD3 defaults: L=15 > ... fallback at 40, window 41..45.
-    assert window_for(SD3, [1.0 - 0.01 * i for i in range(50)], 50) == (41, 45)
+    # SD3 defaults: L=15, fallback at tau_cap = 20, window 21..25 (published tau_cap 40: 41..45).
+    assert window_for(SD3, [1.0 - 0.01 * i for i in range(50)], 50) == (21, 25)
 
 
 def test_sdxl_defaults_on_a_plateau() -> None:
@@ -95,7 +95,7 @@ def test_window_past_the_end_is_clamped_or_empty() -> None:
 
 
 def test_lookback_larger_than_the_step_count() -> None:
-    # SD3 defaults on a 10-step run: L = 15 never reached, tau_cap = 40 never reached: no window.
+    # SD3 defaults on a 10-step run: L = 15 never reached, tau_cap = 20 never reached: no window.
     rates = [0.5] * 10
     assert find_tau1(rates, 15, 5e-4, 40) is None
     assert window_for(SD3, rates, 10) is None
@@ -140,9 +140,10 @@ def test_settings_are_validated_up_front() -> None:
         AccelSettings(strategy="hybrid", devices=2, window_guidance="maybe")  # type: ignore[arg-type]
     with pytest.raises(SettingsError, match="schedule"):
         AccelSettings(strategy="hybrid", devices=2, schedule="sometimes")
-    with pytest.raises(SettingsError, match="2 devices"):
-        AccelSettings(strategy="hybrid", devices=4)
-    AccelSettings(strategy="cfg", devices=4)  # CFG split takes any even count
+    with pytest.raises(SettingsError, match="is odd"):
+        AccelSettings(strategy="hybrid", devices=3)
+    AccelSettings(strategy="hybrid", devices=4)  # both strategies take any even count
+    AccelSettings(strategy="cfg", devices=4)
 
 
 def test_relative_gap_and_lagged_rates() -> None:

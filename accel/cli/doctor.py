@@ -284,7 +284,7 @@ def _verdict(report: Report) -> None:
     else:
         even = n - n % 2
         report.verdict = (
-            f"ready: {n} GPUs; CFG split on {even} (accel run MODEL --devices {even}), the hybrid window on 2"
+            f"ready: {n} GPUs; CFG split and the hybrid window on {even} (accel run MODEL --devices {even})"
             + ("" if not problems else f"; {len(problems)} item(s) to look at")
             + "."
         )

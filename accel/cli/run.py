@@ -400,6 +400,14 @@ def _check_devices(where: _Where, **settings: Any) -> Any:
     return acc.settings
 
 
+def _plan_worlds(stages: int) -> list[int]:
+    """The process counts a plan of ``stages`` stages runs the hybrid window on: one stage per process on 1
+    or 2, and on ``2k`` processes each CFG group of ``k`` pipelines its branch over ``k`` stages."""
+    if stages == 1:
+        return [1]
+    return [2, 4] if stages == 2 else [2 * stages]
+
+
 def _generation_job(
     tgt: Target, options: dict[str, Any], where: _Where, *, as_json: bool, verbose: bool
 ) -> tuple[GenerationJob, Any]:
@@ -408,13 +416,18 @@ def _generation_job(
     strategy = o["strategy"] or ("hybrid" if plan is not None else "cfg")
     num_nodes, devices = where.num_nodes, where.devices
     if devices is None:
-        devices = plan.devices // num_nodes if plan is not None and plan.devices % num_nodes == 0 else 2
+        world = _plan_worlds(plan.devices)[0] if plan is not None else 2
+        devices = world // num_nodes if world % num_nodes == 0 else 2
     where = where.with_devices(devices)
-    if plan is not None and strategy == "hybrid" and devices * num_nodes != plan.devices:
+    world = devices * num_nodes
+    odd = world > 1 and world % 2 == 1  # refused with its own message further on
+    if plan is not None and strategy == "hybrid" and not odd and world not in _plan_worlds(plan.devices):
+        stages = world if world <= 2 else world // 2
+        fits = " or ".join(str(w) for w in _plan_worlds(plan.devices))
         raise RunInputError(
-            f"the plan {tgt.plan_path} has {plan.devices} stages, this run has {devices * num_nodes} processes "
-            f"(--devices {devices} x --num-nodes {num_nodes}); match them, or make a plan with "
-            f"`accel plan ... --devices {devices * num_nodes}`."
+            f"the plan {tgt.plan_path} has {plan.devices} stages, this run has {world} processes "
+            f"(--devices {devices} x --num-nodes {num_nodes}), whose hybrid window needs {stages}; run it on "
+            f"{fits} processes, or make a plan with `accel plan ... --devices {stages}`."
         )
     backend = o["backend"]
     if o["engines"] is not None:

@@ -50,6 +50,12 @@ class GroupLayout:
         return max(1, self.world_size // 2)
 
     @property
+    def window_stages(self) -> int:
+        """Stages of the hybrid window's plan: one per rank on 1 or 2 processes, ``k`` on ``2k > 2`` (each
+        CFG group pipelines its own branch over its ``k`` ranks)."""
+        return self.world_size if self.world_size <= 2 else self.group_size
+
+    @property
     def groups(self) -> tuple[tuple[int, ...], ...]:
         """The CFG groups' ranks: group 0 runs the unconditional branch, group 1 the conditional one."""
         k = self.group_size

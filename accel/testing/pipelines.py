@@ -518,6 +518,30 @@ def tiny_sd3_pipeline(
     return pipe
 
 
+def tiny_text_components(family: str, *, seed: int = 0, max_length: int = 77) -> dict[str, Any]:
+    """The two CLIP tokenizers and text encoders of the tiny ``family`` pipeline ("sdxl" or "sd3").
+
+    The encoders have the weights :func:`tiny_sdxl_pipeline` / :func:`tiny_sd3_pipeline` build for the
+    same ``seed`` (fp32, CPU, eval mode). ``max_length`` is the tokenizers' ``model_max_length`` (the
+    length every prompt is padded to); the encoders accept up to 77 positions.
+
+    Returns:
+        ``{"tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"}``.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+    names = ("text_encoder", "text_encoder_2")
+    configs = _tiny_sdxl_configs() if family == "sdxl" else _tiny_sd3_configs()
+    configs = {name: configs[name] for name in names}
+    _tiny_text_encoders(configs, names)
+    tokenizer, tokenizer_2 = clip_tokenizer(max_length), clip_tokenizer(max_length)
+    _text_encoder_configs(configs, names, tokenizer)
+    _check_text_encoders(configs, names, len(tokenizer))
+    cpu = torch.device("cpu")
+    parts = _build_models(configs, names, seed=seed, build_device=cpu, device=cpu, dtype=torch.float32)
+    return {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2, **parts}
+
+
 def full_size_config(family: str) -> ComponentConfigs:
     """The full-size architecture configs of ``family`` ("sdxl" or "sd3"), per component, as shipped."""
     if family not in _FULL_SIZE_CONFIGS:
