@@ -1,4 +1,8 @@
-"""``accel bench``: measure accel. ``--quality`` runs the quality suite (:mod:`accel.bench.quality`)."""
+"""``accel bench``: measure accel.
+
+``--model sdxl|sd3`` runs the speed suite (configurations A-E, :mod:`accel.bench.speed`), ``--quality``
+the quality suite (:mod:`accel.bench.quality`), ``--report FILE...`` rewrites the speed tables and plot.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from rich.table import Table
 
 from accel.cli.app import app
 
-SUITES = ("--quality",)
+DEFAULT_QUALITY_OUTPUT = Path("docs/benchmarks/quality")
+SUITES = ("--model sdxl|sd3 (speed)", "--quality", "--report FILE.json ...")
 
 
 @app.command("bench")
@@ -30,14 +35,62 @@ def bench(
         None, "--weights", help="Folder with trained quality models (default: the committed ones)."
     ),
     output: Path = typer.Option(
-        Path("docs/benchmarks/quality"), "--output", "-o", help="Where the JSON, markdown and PNGs go."
+        DEFAULT_QUALITY_OUTPUT,
+        "--output",
+        "-o",
+        help="Quality: folder for the JSON, markdown and PNGs. Speed: the JSON file "
+        "(default accel-bench-MODEL-HxW.json).",
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG figures (matplotlib)."),
+    model: str = typer.Option(
+        None, "--model", help="Speed suite for this full-size architecture (sdxl, sd3) on 2 GPUs."
+    ),
+    height: int = typer.Option(1024, "--height", min=8, help="Speed suite: image height in pixels."),
+    width: int = typer.Option(1024, "--width", min=8, help="Speed suite: image width in pixels."),
+    repeat: int = typer.Option(3, "--repeat", min=1, help="Speed suite: timed calls per configuration."),
+    configs: str = typer.Option("A,B,C,D,E", "--configs", help="Speed suite: subset of A,B,C,D,E."),
+    backends: str = typer.Option(
+        "inductor", "--backends", help="Speed suite: compiled backends for D (each) and E (the first)."
+    ),
+    window_modes: str = typer.Option(
+        "reference,cached,off", "--window-modes", help="Speed suite: window guidance modes for E."
+    ),
+    schedule: str = typer.Option("adaptive", "--schedule", help="Speed suite: E's schedule (or START,END)."),
+    engines: Path = typer.Option(
+        None, "--engines", help="Speed suite: engine directory for the first backend."
+    ),
+    plan: Path = typer.Option(None, "--plan", help="Speed suite: the plan file for E (the engines' plan)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Speed suite: tiny pipelines on the CPU (a dry run)."),
+    report_files: list[Path] = typer.Option(
+        None, "--report", help="Rewrite README.md and latency.png beside these speed-suite JSON files."
+    ),
 ) -> None:
-    """Measure accel: pick a suite (``--quality``)."""
+    """Measure accel: the speed suite (``--model``), the quality suite (``--quality``) or ``--report``."""
     console = Console()
-    if not quality:
-        raise typer.BadParameter(f"choose a suite: {', '.join(SUITES)}.")
+    chosen = [quality, model is not None, bool(report_files)]
+    if sum(chosen) != 1:
+        raise typer.BadParameter(f"choose one suite: {', '.join(SUITES)}.")
+    if report_files:
+        _report(console, report_files)
+        return
+    if model is not None:
+        _speed(
+            console,
+            model,
+            height,
+            width,
+            steps,
+            repeat,
+            configs,
+            backends,
+            window_modes,
+            schedule,
+            engines,
+            plan,
+            tiny,
+            output,
+        )
+        return
     from accel.bench.quality import FAMILIES, run_quality, write_report
 
     unknown = sorted(set(family) - set(FAMILIES))
@@ -64,3 +117,77 @@ def bench(
             )
         console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _speed(
+    console: Console,
+    model: str,
+    height: int,
+    width: int,
+    steps: int,
+    repeat: int,
+    configs: str,
+    backends: str,
+    window_modes: str,
+    schedule: str,
+    engines: Path | None,
+    plan: Path | None,
+    tiny: bool,
+    output: Path,
+) -> None:
+    import torch
+
+    from accel.bench.speed import SuiteSettings, run_suite, save
+
+    if not tiny and torch.cuda.device_count() < 2:
+        console.print(
+            f"[red]error:[/red] the speed suite needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}. "
+            "Run it on a 2-GPU host, or pass --tiny for a CPU dry run."
+        )
+        raise typer.Exit(1)
+    window: object = schedule
+    if "," in schedule:
+        start, end = (int(v) for v in schedule.split(","))
+        window = (start, end)
+    try:
+        settings = SuiteSettings(
+            model=model,
+            height=height,
+            width=width,
+            steps=steps,
+            repeat=repeat,
+            configs=_csv(configs),
+            backends=_csv(backends),
+            window_modes=_csv(window_modes),
+            schedule=window,
+            engines=None if engines is None else str(engines),
+            plan=None if plan is None else str(plan),
+            tiny=tiny,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if output == DEFAULT_QUALITY_OUTPUT:
+        output = Path(f"accel-bench-{model}-{height}x{width}.json")
+    with console.status("running the speed suite ...") as status:
+        result = run_suite(settings, on_phase=lambda phase: status.update(f"speed suite: {phase}"))
+    save(result, output)
+    from accel.bench.report import markdown
+
+    console.print(markdown(result))
+    console.print(f"wrote {output}")
+
+
+def _report(console: Console, files: list[Path]) -> None:
+    from accel.bench.report import write_report
+
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        console.print(f"[red]error:[/red] no such result file: {', '.join(missing)}")
+        raise typer.Exit(1)
+    folder = files[0].parent
+    write_report(files, folder / "README.md", folder / "latency.png")
+    console.print(f"wrote {folder / 'README.md'} and {folder / 'latency.png'}")

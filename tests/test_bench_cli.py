@@ -1,0 +1,46 @@
+"""``accel bench``: the speed suite's CPU dry run, its report, and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from accel.cli.app import _register, app
+
+_register()
+runner = CliRunner()
+
+
+def test_speed_suite_dry_run_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "tiny.json"
+    args = ["bench", "--model", "sdxl", "--tiny", "--configs", "A,C", "--steps", "2", "--repeat", "1"]
+    result = runner.invoke(app, [*args, "--height", "64", "--width", "64", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data["configs"]) == {"A", "C"}
+    assert data["tiny"] is True and data["steps"] == 2
+    c = data["configs"]["C"]
+    # C is exact CFG split: its latents match A's up to batch-1 vs batch-2 rounding.
+    assert c["latent_max_abs_err"] < 1e-3
+    assert data["ratios"]["C"]["loop_vs_A"] == data["configs"]["A"]["loop_median_s"] / c["loop_median_s"]
+    assert c["per_rank"][1]["bytes_sent"] > 0
+
+    report = runner.invoke(app, ["bench", "--report", str(out)])
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "README.md").read_text()
+    assert "| C | accel CFG split, eager, 2 GPUs |" in text
+    assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_refuses_bad_input(tmp_path: Path) -> None:
+    none = runner.invoke(app, ["bench"])
+    assert none.exit_code != 0 and "choose one suite" in none.output
+    gpus = runner.invoke(app, ["bench", "--model", "sdxl", "-o", str(tmp_path / "x.json")])
+    assert gpus.exit_code == 1 and "needs 2 CUDA GPUs" in gpus.output
+    bad = runner.invoke(app, ["bench", "--model", "sdxl", "--tiny", "--configs", "A,Z"])
+    assert bad.exit_code != 0 and "unknown configurations ['Z']" in bad.output
+    missing = runner.invoke(app, ["bench", "--report", str(tmp_path / "nope.json")])
+    assert missing.exit_code == 1 and "no such result file" in missing.output
+    assert not (tmp_path / "x.json").exists()
