@@ -429,10 +429,11 @@ def _ratios(configs: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def environment() -> dict[str, Any]:
     """GPU, driver and CPU facts for the report."""
+    import os
     import platform
     import subprocess
 
-    env: dict[str, Any] = {"python": platform.python_version(), "cpu_count": __import__("os").cpu_count()}
+    env: dict[str, Any] = {"python": platform.python_version(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpus"] = torch.cuda.device_count()
