@@ -178,7 +178,8 @@ def test_cli_export_writes_engines_and_second_run_exports_nothing(tmp_path: Path
     window = {
         f"window.s{k}.u{lo}-{hi}.128x128.b1" for k, s in enumerate(plan.stages) for lo, hi in s.segments
     }
-    assert keys == {"cfg.full.128x128.b1", *window}
+    # The pipeline's VAE decoder too (latent size 16x16, one image per prompt, fp32 like the plan).
+    assert keys == {"cfg.full.128x128.b1", *window, "vae.decoder.16x16.b1.float32"}
 
     def no_export(*a: Any, **k: Any) -> Any:
         raise AssertionError("second export must reuse the engines")

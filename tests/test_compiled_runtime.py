@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 import accel
-from accel.compile.engines import export_plan
-from accel.compile.store import EngineError
+from accel.compile.engines import decoder_jobs, export_plan
+from accel.compile.store import EngineError, EngineStore
 from accel.plan import build_plan
 from accel.testing import build_pipeline
 
@@ -55,7 +56,11 @@ def engines(tmp_path_factory: pytest.TempPathFactory, pipe_and_reference: tuple[
     directory = tmp_path_factory.mktemp("engines")
     with torch.no_grad():
         records = export_plan(plan, pipe.transformer, "aot", directory)
-    assert [r.key for r in records] == [f"cfg.full.{HEIGHT}x{WIDTH}.b2"]
+        # The decoder sees one image per prompt (the plan's batch of 2 is both CFG branches of one prompt).
+        store = EngineStore(directory)
+        for job in decoder_jobs(dataclasses.replace(plan, batches=[1]), pipe.vae, "cpu"):
+            records.append(store.export(job.key, "aot", job.module, job.example_inputs))
+    assert [r.key for r in records] == [f"cfg.full.{HEIGHT}x{WIDTH}.b2", "vae.decoder.8x8.b1.float32"]
     return directory
 
 
@@ -71,16 +76,19 @@ def test_engines_load_without_compiling(
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
     monkeypatch.setattr(torch.export, "export", refuse)
     monkeypatch.setattr(torch, "compile", refuse)
-    wrapped = accel.wrap(
-        pipe, accelerator="cpu", backend="aot", engines=str(engines), compile_vae=False, strict=True
-    )
+    wrapped = accel.wrap(pipe, accelerator="cpu", backend="aot", engines=str(engines), strict=True)
     try:
         out = _generate(wrapped)
+        image = _generate(wrapped, output_type="pt")  # through the VAE decoder's engine
         report = wrapped.last_report
     finally:
         accel.unwrap(wrapped)
-    assert (report.loaded_stages, report.compiled_stages, report.eager_stages) == (1, 0, 0)
+    assert (report.loaded_stages, report.compiled_stages, report.eager_stages) == (2, 0, 0)
     assert float((out - reference).abs().max()) <= 1e-5
+    with torch.no_grad():
+        eager_image = _generate(pipe, output_type="pt")
+    assert float((image - eager_image).abs().max()) <= 1e-5
+    assert "forward" not in vars(pipe.vae.decoder)
     assert "forward" not in vars(pipe.transformer)  # unwrap removed the hooks
 
 

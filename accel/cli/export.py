@@ -18,6 +18,7 @@ def export(
     backend: str = typer.Option("aot", "--backend", "-b", help="aot, inductor, onnx or tensorrt."),
     output: Path = typer.Option(Path("engines"), "--output", "-o", help="The engine directory to write."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Recompile engines even if fitting ones exist."),
+    vae: bool = typer.Option(True, "--vae/--no-vae", help="Also export the pipeline's VAE decoder."),
     device: str = typer.Option(
         None, "--device", help="cuda or cpu (default: the plan's device type when available, else cpu)."
     ),
@@ -25,7 +26,7 @@ def export(
     """Compile each stage of each phase of the plan and save it as an engine file in an engine directory."""
     import torch
 
-    from accel.cli.plan import load_denoiser
+    from accel.cli.plan import load_denoiser, load_vae
     from accel.compile.backends import EXPORT_BACKENDS, BackendError, get_backend
     from accel.compile.engines import StageJob, export_plan
     from accel.compile.store import EngineError
@@ -53,6 +54,7 @@ def export(
         raise typer.BadParameter("--device cuda: no CUDA device is available here; use --device cpu.")
 
     denoiser, _ = load_denoiser(plan.source, dtype=PRECISIONS[plan.dtype], device=device)
+    decoder_source = load_vae(plan.source, dtype=PRECISIONS[plan.dtype], device=device) if vae else None
     try:
         plan.validate_for(denoiser)
     except PlanError as exc:
@@ -71,7 +73,9 @@ def export(
 
         try:
             with torch.no_grad():
-                records = export_plan(plan, denoiser, impl, output, rebuild=rebuild, on_stage=on_stage)
+                records = export_plan(
+                    plan, denoiser, impl, output, rebuild=rebuild, on_stage=on_stage, vae=decoder_source
+                )
         except (EngineError, BackendError, ValueError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from exc

@@ -92,6 +92,24 @@ def load_denoiser(source: dict[str, Any], *, dtype: Any, device: str) -> tuple[A
     return denoiser.eval(), vae_scale_factor
 
 
+def load_vae(source: dict[str, Any], *, dtype: Any, device: str) -> Any | None:
+    """The VAE of the pipeline a plan ``source`` names (``None`` when it has none), on ``device`` in ``dtype``."""
+    if source["kind"] in ("demo", "arch"):
+        from accel.testing import build_pipeline
+
+        kwargs: dict[str, Any] = {"dtype": dtype, "device": device}
+        if "seed" in source:
+            kwargs["seed"] = source["seed"]
+        return getattr(build_pipeline(source["name"], **kwargs), "vae", None)
+
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    location = source["path"] if source["kind"] == "folder" else source["id"]
+    if not isinstance(DiffusionPipeline.load_config(location).get("vae"), list | tuple):
+        return None
+    return AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype).to(device).eval()
+
+
 def _segments(segments: Any) -> str:
     return ", ".join(f"{lo}-{hi - 1}" if hi - lo > 1 else f"{lo}" for lo, hi in segments)
 

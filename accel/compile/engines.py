@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from accel.compile.backends import Backend, StageCallable, get_backend
-from accel.compile.stage import StageModule, build_stage
+from accel.compile.stage import DecoderStage, build_stage, decoder_dtype, decoder_key
 from accel.compile.store import EngineRecord, EngineStore
 from accel.models import adapt
 
@@ -26,7 +26,7 @@ class StageJob:
 
     key: str
     phase: str
-    module: StageModule
+    module: torch.nn.Module
     example_inputs: tuple[torch.Tensor, ...]
 
 
@@ -63,6 +63,30 @@ def stage_jobs(plan: Any, model: torch.nn.Module) -> Iterator[StageJob]:
                     yield StageJob(f"window.s{k}.u{lo}-{hi}.{bucket}", "window", module, inputs)
 
 
+def decoder_jobs(plan: Any, vae: torch.nn.Module, device: Any) -> Iterator[StageJob]:
+    """The VAE decoder of the pipeline ``plan`` was made for, once per shape bucket (key: ``decoder_key``).
+
+    Its dtype is the one the pipeline decodes in (:func:`accel.compile.stage.decoder_dtype`), so the runtime
+    finds the engine under the same key as the latents it is given.
+    """
+    import copy
+
+    decoder = getattr(vae, "decoder", None)
+    if not isinstance(decoder, torch.nn.Module):
+        raise ValueError(f"{type(vae).__name__} has no decoder module to export.")
+    from accel.settings import PRECISIONS
+
+    dtype = decoder_dtype(vae, PRECISIONS[plan.dtype])
+    channels = int(getattr(vae.config, "latent_channels", 4))
+    scale = int(plan.profile.get("vae_scale_factor", 8))
+    module = DecoderStage(copy.deepcopy(decoder).to(device, dtype).eval().requires_grad_(False))
+    gen = torch.Generator("cpu").manual_seed(0)
+    for height, width in plan.resolutions:
+        for batch in plan.batches:
+            z = torch.randn(batch, channels, height // scale, width // scale, generator=gen).to(device, dtype)
+            yield StageJob(decoder_key(z), "vae", module, (z,))
+
+
 def export_plan(
     plan: Any,
     model: torch.nn.Module,
@@ -71,13 +95,21 @@ def export_plan(
     *,
     rebuild: bool = False,
     on_stage: Callable[[StageJob, str], None] | None = None,
+    vae: torch.nn.Module | None = None,
 ) -> list[EngineRecord]:
-    """Export every stage of ``plan`` into the engine directory; ``on_stage(job, "start"|"done")``."""
+    """Export every stage of ``plan`` (and, given ``vae``, its decoder) into the engine directory;
+    ``on_stage(job, "start"|"done")``."""
+    import itertools
+
     store = EngineStore(directory)
     impl = get_backend(backend)
     impl.check_available()
     records = []
-    for job in stage_jobs(plan, model):
+    device = next(model.parameters()).device
+    jobs = stage_jobs(plan, model)
+    if vae is not None:
+        jobs = itertools.chain(jobs, decoder_jobs(plan, vae, device))
+    for job in jobs:
         if on_stage is not None:
             on_stage(job, "start")
         records.append(store.export(job.key, impl, job.module, job.example_inputs, rebuild=rebuild))
@@ -88,7 +120,7 @@ def export_plan(
 
 def load_plan_engines(
     plan: Any, model: torch.nn.Module, backend: str | Backend, directory: Any, *, rebuild: bool = False
-) -> dict[str, tuple[StageModule, StageCallable]]:
+) -> dict[str, tuple[torch.nn.Module, StageCallable]]:
     """Every stage of ``plan`` as ``key -> (stage module, loaded callable)``, validated before loading."""
     store = EngineStore(directory)
     impl = get_backend(backend)

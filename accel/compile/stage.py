@@ -296,3 +296,25 @@ def build_stage(
     specs = [TensorSpec.of(n, t) for n, t in tensors.items()]
     stage = StageModule(adapter, start, end, whole=False, template=template, inputs=specs, outputs=outputs)
     return stage, tuple(tensors.values())
+
+
+class DecoderStage(torch.nn.Module):
+    """A VAE decoder as ``forward(z) -> (image,)`` (flat tensors, as compilers and exporters want)."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.decoder(z),)
+
+
+def decoder_key(z: torch.Tensor) -> str:
+    """Engine key of the VAE decoder for latents ``z``: ``vae.decoder.<h>x<w>.b<B>.<dtype>`` (latent size)."""
+    return f"vae.decoder.{z.shape[-2]}x{z.shape[-1]}.b{z.shape[0]}.{dtype_name(z.dtype)}"
+
+
+def decoder_dtype(vae: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype diffusers pipelines decode in: fp32 for an fp16 VAE marked ``force_upcast`` (SDXL)."""
+    force_upcast = bool(getattr(getattr(vae, "config", None), "force_upcast", False))
+    return torch.float32 if dtype == torch.float16 and force_upcast else dtype

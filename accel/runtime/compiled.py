@@ -21,7 +21,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from accel.compile.runner import StageRunner
-from accel.compile.stage import StageError, StageModule, build_stage
+from accel.compile.stage import DecoderStage, StageError, StageModule, build_stage, decoder_key
 from accel.models import DenoiserAdapter, adapt
 from accel.runtime.guidance import _map_output
 
@@ -115,17 +115,6 @@ class CompiledDenoiserHook(ModelHook):
         return forward(*args, **kwargs)
 
 
-class _DecoderStage(torch.nn.Module):
-    """The VAE decoder as ``forward(z) -> (image,)`` (flat tensors, as compilers and exporters want)."""
-
-    def __init__(self, decoder: torch.nn.Module) -> None:
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.decoder(z),)
-
-
 class CompiledDecoderHook(ModelHook):
     """Runs ``vae.decoder(z)`` through ``runner`` on a private copy of the decoder.
 
@@ -140,7 +129,7 @@ class CompiledDecoderHook(ModelHook):
         super().__init__()
         self.runner = runner
         self._source = copy.deepcopy(decoder).eval().requires_grad_(False)
-        self._copies: dict[torch.dtype, _DecoderStage] = {}
+        self._copies: dict[torch.dtype, DecoderStage] = {}
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
@@ -153,7 +142,7 @@ class CompiledDecoderHook(ModelHook):
         if stage is None:
             # A copy per dtype: Module.to casts in place, and the source must stay as it was.
             decoder = copy.deepcopy(self._source).to(z.device, z.dtype)
-            stage = self._copies[z.dtype] = _DecoderStage(decoder)
-        key = f"vae.decoder.{stage_bucket(z.shape[-2], z.shape[-1], z.shape[0])}.{str(z.dtype)[6:]}"
+            stage = self._copies[z.dtype] = DecoderStage(decoder)
+        key = decoder_key(z)
         fn = self.runner.get(key, stage, (z,), cache_key=(key, str(z.device)))
         return fn(z)[0].clone()
