@@ -20,31 +20,32 @@ import torch
 
 import accel
 from accel.testing import full_size_pipeline
-from accel.testing.measure import LoopTimer, psnr
+from accel.testing.measure import psnr, timed_generate
+from accel.wrapper import find_denoiser
 
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
 
 def _denoiser(pipe: Any) -> torch.nn.Module:
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    return find_denoiser(pipe)[1]
 
 
 def _generate(
     pipe: Any, denoiser: torch.nn.Module, args: argparse.Namespace, *, steps: int, output_type: str
-):
-    timer = LoopTimer(denoiser, "cuda")
-    with timer:
-        out = pipe(
-            PROMPT,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=steps,
-            guidance_scale=args.guidance,
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type=output_type,
-            callback_on_step_end=timer.callback,
-        ).images
-    return out, timer.seconds
+) -> tuple[Any, float]:
+    run = timed_generate(
+        pipe,
+        denoiser,
+        "cuda",
+        PROMPT,
+        height=args.height,
+        width=args.width,
+        steps=steps,
+        guidance=args.guidance,
+        seed=0,
+        output_type=output_type,
+    )
+    return run["images"], run["loop_s"]
 
 
 def _measure(pipe: Any, denoiser: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:

@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 import accel
 from accel.testing import full_size_pipeline
-from accel.testing.measure import LoopTimer, psnr
+from accel.testing.measure import psnr, timed_generate
+from accel.wrapper import find_denoiser
 
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 GUIDANCE = {"sdxl": 5.0, "sd3": 7.0}  # the published settings
@@ -38,31 +39,22 @@ MODES = ("cfg", "reference", "cached", "off")
 
 
 def _denoiser(pipe: Any) -> torch.nn.Module:
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    return find_denoiser(pipe)[1]
 
 
 def _generate(pipe: Any, denoiser: torch.nn.Module, args: argparse.Namespace, steps: int) -> dict[str, Any]:
-    timer = LoopTimer(denoiser, "cuda")
-    final: dict[str, torch.Tensor] = {}
-
-    def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        timer.callback(p, step, timestep, kwargs)  # marks the loop end before anything else
-        if step == steps - 1:
-            final["latents"] = kwargs["latents"].float().cpu()
-        return kwargs
-
-    with timer:
-        image = pipe(
-            PROMPT,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=steps,
-            guidance_scale=args.guidance,
-            generator=torch.Generator("cpu").manual_seed(args.seed),
-            output_type="np",
-            callback_on_step_end=on_step_end,
-        ).images
-    return {"loop_s": timer.seconds, "latents": final["latents"], "image": np.asarray(image)}
+    run = timed_generate(
+        pipe,
+        denoiser,
+        "cuda",
+        PROMPT,
+        height=args.height,
+        width=args.width,
+        steps=steps,
+        guidance=args.guidance,
+        seed=args.seed,
+    )
+    return {"loop_s": run["loop_s"], "latents": run["latents"], "image": np.asarray(run["images"])}
 
 
 def _measure(pipe: Any, denoiser: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:

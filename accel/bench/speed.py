@@ -140,49 +140,29 @@ class Measured:
 
 
 def _denoiser_name(pipe: Any) -> str:
-    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    from accel.wrapper import find_denoiser
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return find_denoiser(pipe)[0]
 
 
 def _call(
     pipe: Any, denoiser: torch.nn.Module, s: SuiteSettings, steps: int, device: torch.device
 ) -> dict[str, Any]:
-    from accel.testing.measure import LoopTimer
+    from accel.testing.measure import timed_generate
 
-    timer = LoopTimer(denoiser, device)
-    final: dict[str, Any] = {}
-
-    def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        timer.callback(p, step, timestep, kwargs)
-        if step == steps - 1:
-            final["latents"] = kwargs["latents"]
-        return kwargs
-
-    _sync(device)
-    start = time.perf_counter()
-    with timer:
-        images = pipe(
-            PROMPT,
-            height=s.height,
-            width=s.width,
-            num_inference_steps=steps,
-            guidance_scale=s.cfg_scale,
-            generator=torch.Generator("cpu").manual_seed(s.seed),
-            output_type="np",
-            callback_on_step_end=on_step_end,
-        ).images
-    _sync(device)
-    e2e = time.perf_counter() - start
-    return {
-        "e2e_s": e2e,
-        "loop_s": timer.seconds,
-        "latents": final["latents"].float().cpu(),
-        "image": np.asarray(images),
-    }
+    run = timed_generate(
+        pipe,
+        denoiser,
+        device,
+        PROMPT,
+        height=s.height,
+        width=s.width,
+        steps=steps,
+        guidance=s.cfg_scale,
+        seed=s.seed,
+    )
+    run["image"] = np.asarray(run.pop("images"))
+    return run
 
 
 def measure(

@@ -26,7 +26,7 @@ def export(
     """Compile each stage of each phase of the plan and save it as an engine file in an engine directory."""
     import torch
 
-    from accel.cli.plan import load_denoiser, load_vae
+    from accel.cli.plan import load_components
     from accel.compile.backends import EXPORT_BACKENDS, BackendError, get_backend
     from accel.compile.engines import StageJob, export_plan
     from accel.compile.store import EngineError
@@ -53,8 +53,9 @@ def export(
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda: no CUDA device is available here; use --device cpu.")
 
-    denoiser, _ = load_denoiser(plan.source, dtype=PRECISIONS[plan.dtype], device=device)
-    decoder_source = load_vae(plan.source, dtype=PRECISIONS[plan.dtype], device=device) if vae else None
+    denoiser, _, decoder_source = load_components(
+        plan.source, dtype=PRECISIONS[plan.dtype], device=device, vae=vae
+    )
     try:
         plan.validate_for(denoiser)
     except PlanError as exc:

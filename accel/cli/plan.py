@@ -54,21 +54,36 @@ def model_source(model: str | None, demo: str | None, arch: str | None, seed: in
     )
 
 
+def _named_pipeline(source: dict[str, Any], *, dtype: Any, device: str) -> Any:
+    """The tiny demo or full-size random-weight pipeline a ``demo``/``arch`` plan source names."""
+    from accel.testing import build_pipeline
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "device": device}
+    if "seed" in source:
+        kwargs["seed"] = source["seed"]
+    return build_pipeline(source["name"], **kwargs)
+
+
 def load_denoiser(source: dict[str, Any], *, dtype: Any, device: str) -> tuple[Any, int]:
     """The denoiser named by a plan ``source`` on ``device`` in ``dtype``, and its VAE scale factor.
 
     For a folder or hub id only the denoiser component (and the VAE config) is loaded, not the text
     encoders: profiling needs nothing else.
     """
-    if source["kind"] in ("demo", "arch"):
-        from accel.testing import build_pipeline
+    denoiser, scale, _ = load_components(source, dtype=dtype, device=device, vae=False)
+    return denoiser, scale
 
-        kwargs: dict[str, Any] = {"dtype": dtype, "device": device}
-        if "seed" in source:
-            kwargs["seed"] = source["seed"]
-        pipe: Any = build_pipeline(source["name"], **kwargs)
-        denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-        return denoiser.eval(), int(getattr(pipe, "vae_scale_factor", 8))
+
+def load_components(
+    source: dict[str, Any], *, dtype: Any, device: str, vae: bool
+) -> tuple[Any, int, Any | None]:
+    """:func:`load_denoiser`, plus the pipeline's VAE when ``vae`` (``None`` when it has none)."""
+    from accel.wrapper import find_denoiser
+
+    if source["kind"] in ("demo", "arch"):
+        pipe = _named_pipeline(source, dtype=dtype, device=device)
+        scale = int(getattr(pipe, "vae_scale_factor", 8))
+        return find_denoiser(pipe)[1].eval(), scale, getattr(pipe, "vae", None) if vae else None
 
     import diffusers
     from diffusers import DiffusionPipeline
@@ -86,28 +101,17 @@ def load_denoiser(source: dict[str, Any], *, dtype: Any, device: str) -> tuple[A
         )
     denoiser = cls.from_pretrained(location, subfolder=component, torch_dtype=dtype).to(device)
     vae_scale_factor = 8
+    decoder_vae = None
     if isinstance(index.get("vae"), list | tuple):
         vae_config = diffusers.AutoencoderKL.load_config(location, subfolder="vae")
         vae_scale_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-    return denoiser.eval(), vae_scale_factor
-
-
-def load_vae(source: dict[str, Any], *, dtype: Any, device: str) -> Any | None:
-    """The VAE of the pipeline a plan ``source`` names (``None`` when it has none), on ``device`` in ``dtype``."""
-    if source["kind"] in ("demo", "arch"):
-        from accel.testing import build_pipeline
-
-        kwargs: dict[str, Any] = {"dtype": dtype, "device": device}
-        if "seed" in source:
-            kwargs["seed"] = source["seed"]
-        return getattr(build_pipeline(source["name"], **kwargs), "vae", None)
-
-    from diffusers import AutoencoderKL, DiffusionPipeline
-
-    location = source["path"] if source["kind"] == "folder" else source["id"]
-    if not isinstance(DiffusionPipeline.load_config(location).get("vae"), list | tuple):
-        return None
-    return AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        if vae:
+            decoder_vae = (
+                diffusers.AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype)
+                .to(device)
+                .eval()
+            )
+    return denoiser.eval(), vae_scale_factor, decoder_vae
 
 
 def _segments(segments: Any) -> str:

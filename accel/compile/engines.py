@@ -15,9 +15,30 @@ from typing import Any
 import torch
 
 from accel.compile.backends import Backend, StageCallable, get_backend
-from accel.compile.stage import DecoderStage, build_stage, decoder_dtype, decoder_key
+from accel.compile.stage import DecoderStage, build_stage, decoder_dtype
 from accel.compile.store import EngineRecord, EngineStore
 from accel.models import adapt
+from accel.models.base import dtype_name
+
+
+def bucket(height: int, width: int, batch: int) -> str:
+    """The shape part of an engine key: ``<H>x<W>.b<B>`` (pixels; per-branch batch)."""
+    return f"{height}x{width}.b{batch}"
+
+
+def cfg_key(height: int, width: int, batch: int) -> str:
+    """Engine key of the whole-denoiser stage of the CFG phase."""
+    return f"cfg.full.{bucket(height, width, batch)}"
+
+
+def window_key(stage: int, lo: int, hi: int, height: int, width: int, batch: int) -> str:
+    """Engine key of units ``[lo, hi)`` of plan stage ``stage`` in the window."""
+    return f"window.s{stage}.u{lo}-{hi}.{bucket(height, width, batch)}"
+
+
+def decoder_key(z: torch.Tensor) -> str:
+    """Engine key of the VAE decoder for latents ``z``: ``vae.decoder.<h>x<w>.b<B>.<dtype>`` (latent size)."""
+    return f"vae.decoder.{bucket(z.shape[-2], z.shape[-1], z.shape[0])}.{dtype_name(z.dtype)}"
 
 
 @dataclass
@@ -43,7 +64,6 @@ def stage_jobs(plan: Any, model: torch.nn.Module) -> Iterator[StageJob]:
     vae_scale_factor = int(plan.profile.get("vae_scale_factor", 8))
     for height, width in plan.resolutions:
         for batch in plan.batches:
-            bucket = f"{height}x{width}.b{batch}"
             args, kwargs = adapter.example_inputs(
                 batch=batch,
                 height=height,
@@ -54,13 +74,13 @@ def stage_jobs(plan: Any, model: torch.nn.Module) -> Iterator[StageJob]:
                 vae_scale_factor=vae_scale_factor,
             )
             module, inputs = build_stage(adapter, 0, len(adapter.units), args, kwargs, whole=True)
-            yield StageJob(f"cfg.full.{bucket}", "cfg", module, inputs)
+            yield StageJob(cfg_key(height, width, batch), "cfg", module, inputs)
             if plan.devices < 2:
                 continue
             for k, stage in enumerate(plan.stages):
                 for lo, hi in stage.segments:
                     module, inputs = build_stage(adapter, lo, hi, args, kwargs)
-                    yield StageJob(f"window.s{k}.u{lo}-{hi}.{bucket}", "window", module, inputs)
+                    yield StageJob(window_key(k, lo, hi, height, width, batch), "window", module, inputs)
 
 
 def decoder_jobs(plan: Any, vae: torch.nn.Module, device: Any) -> Iterator[StageJob]:

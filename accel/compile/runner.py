@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,7 +93,6 @@ class RunnerCounts:
     compiled: int = 0
     loaded: int = 0
     fallbacks: int = 0
-    keys: dict[str, str] = field(default_factory=dict)
 
 
 class StageRunner:
@@ -155,7 +154,6 @@ class StageRunner:
         on_cuda = bool(example_inputs) and example_inputs[0].device.type == "cuda"
         if self.cuda_graphs and on_cuda and how != "eager" and self.backend.name in GRAPH_BACKENDS:
             fn = CUDAGraphCallable(fn, key)
-        self.counts.keys[key] = how
         self._callables[memo] = fn
         log.info("stage %s: %s (backend %s)", key, how, self.backend.name)
         return fn

@@ -309,11 +309,6 @@ class DecoderStage(torch.nn.Module):
         return (self.decoder(z),)
 
 
-def decoder_key(z: torch.Tensor) -> str:
-    """Engine key of the VAE decoder for latents ``z``: ``vae.decoder.<h>x<w>.b<B>.<dtype>`` (latent size)."""
-    return f"vae.decoder.{z.shape[-2]}x{z.shape[-1]}.b{z.shape[0]}.{dtype_name(z.dtype)}"
-
-
 def decoder_dtype(vae: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
     """The dtype diffusers pipelines decode in: fp32 for an fp16 VAE marked ``force_upcast`` (SDXL)."""
     force_upcast = bool(getattr(getattr(vae, "config", None), "force_upcast", False))

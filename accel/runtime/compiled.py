@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
+from accel.compile.engines import cfg_key, decoder_key
 from accel.compile.runner import StageRunner
-from accel.compile.stage import DecoderStage, StageError, StageModule, build_stage, decoder_key
+from accel.compile.stage import DecoderStage, StageError, StageModule, build_stage
 from accel.models import DenoiserAdapter, adapt
 from accel.runtime.guidance import _map_output
 
@@ -29,11 +30,6 @@ log = logging.getLogger(__name__)
 
 COMPILED_HOOK = "accel.compiled"
 DECODER_HOOK = "accel.compiled_decoder"
-
-
-def stage_bucket(height: int, width: int, batch: int) -> str:
-    """The shape part of an engine key (as :func:`accel.compile.engines.stage_jobs` names stages)."""
-    return f"{height}x{width}.b{batch}"
 
 
 def tensor_signature(tree: Any) -> tuple[Any, ...]:
@@ -90,7 +86,7 @@ class CompiledDenoiserHook(ModelHook):
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
             return self._eager(forward, args, kwargs, "the first input is not a 4-d latent")
         scale = self.vae_scale_factor
-        key = "cfg.full." + stage_bucket(sample.shape[-2] * scale, sample.shape[-1] * scale, sample.shape[0])
+        key = cfg_key(sample.shape[-2] * scale, sample.shape[-1] * scale, sample.shape[0])
         memo = (key, tensor_signature(args), tensor_signature(kwargs))
         entry = self._stages.get(memo)
         if entry is None:

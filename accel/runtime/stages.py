@@ -102,14 +102,15 @@ def compile_segments(
     Every segment, not only this rank's: the step that captures the window's starting activations runs
     them all in unit order, and is then as fast as a compiled whole-denoiser step.
     """
+    from accel.compile.engines import window_key
     from accel.compile.stage import build_stage
 
     sample = tensors_of(args, kwargs)[0]
-    bucket = f"{sample.shape[-2] * vae_scale_factor}x{sample.shape[-1] * vae_scale_factor}.b{batch}"
+    height, width = sample.shape[-2] * vae_scale_factor, sample.shape[-1] * vae_scale_factor
     compiled: dict[Segment, CompiledSegment] = {}
     for k, segments in enumerate(stages):
         for lo, hi in segments:
-            key = f"window.s{k}.u{lo}-{hi}.{bucket}"
+            key = window_key(k, lo, hi, height, width, batch)
             with torch.no_grad():
                 module, inputs = build_stage(adapter, lo, hi, args, kwargs)
             fn = runner.get(key, module, inputs, cache_key=(key, shape_key(args, kwargs)))

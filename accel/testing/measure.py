@@ -58,6 +58,55 @@ class LoopTimer:
         return float(self._end - self._start)
 
 
+def timed_generate(
+    pipe: Any,
+    denoiser: torch.nn.Module,
+    device: torch.device | str,
+    prompt: str,
+    *,
+    height: int | None,
+    width: int | None,
+    steps: int,
+    guidance: float,
+    seed: int,
+    output_type: str = "np",
+) -> dict[str, Any]:
+    """One pipeline call, timed: ``loop_s`` (:class:`LoopTimer`), ``e2e_s`` (host clock around the call,
+    device synchronised before and after), ``latents`` (the last step's, fp32 on the CPU), ``images``."""
+    timer = LoopTimer(denoiser, device)
+    final: dict[str, Any] = {}
+
+    def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        timer.callback(p, step, timestep, kwargs)  # marks the loop end before anything else
+        if step == steps - 1:
+            final["latents"] = kwargs["latents"]
+        return kwargs
+
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with timer:
+        images = pipe(
+            prompt,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type=output_type,
+            callback_on_step_end=on_step_end,
+        ).images
+    if cuda:
+        torch.cuda.synchronize(device)
+    return {
+        "e2e_s": time.perf_counter() - start,
+        "loop_s": timer.seconds,
+        "latents": final["latents"].float().cpu(),
+        "images": images,
+    }
+
+
 def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB between two images (``inf`` when identical)."""
     x = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).double()
