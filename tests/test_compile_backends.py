@@ -204,6 +204,26 @@ def test_aot_stage_matches_eager_and_second_run_compiles_nothing(sd3_stage, tmp_
 
 
 @pytest.mark.slow
+def test_aot_package_holds_no_weights_and_binds_the_modules_own(tmp_path) -> None:
+    model = build_pipeline("sd3").transformer.eval()
+    adapter = adapt(model)
+    args, kwargs = adapter.example_inputs(
+        batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16
+    )
+    stage, inputs = build_stage(adapter, 1, 3, args, kwargs)
+    backend = get_backend("aot")
+    path = backend.export(stage, inputs, tmp_path / "stage.pt2")
+    fn = backend.load(path, module=stage)
+    with torch.no_grad():
+        for p in stage.parameters():  # new values in the same memory: the package must see them
+            p.mul_(0.5)
+        expected = stage(*inputs)
+        _close(fn(*inputs), expected, 1e-5)
+    with pytest.raises(BackendError, match="holds no weights"):
+        backend.load(path)
+
+
+@pytest.mark.slow
 def test_inductor_stage_matches_eager(sd3_stage, tmp_path) -> None:
     stage, inputs, expected = sd3_stage
     backend = get_backend("inductor")

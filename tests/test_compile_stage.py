@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -74,3 +75,45 @@ def test_stage_refuses_other_shape_and_fingerprint_ignores_weights() -> None:
     assert stage_fingerprint(stage) == before
     other, _ = build_stage(adapter, 1, 4, args, kwargs)
     assert stage_fingerprint(other) != before
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_exported_stages_fit_the_stages_a_pipeline_call_builds(family: str) -> None:
+    """`accel export` builds stages from example inputs; the runtime from the pipeline's own call (which
+    passes e.g. ``return_dict=False``). Every engine key must describe the same graph in both."""
+    from accel.compile.engines import stage_jobs
+    from accel.plan import build_plan
+
+    pipe = build_pipeline(family)
+    model = pipe.unet if family == "sdxl" else pipe.transformer
+    plan = build_plan(
+        model,
+        source={"kind": "demo", "name": family},
+        height=64,
+        width=64,
+        devices=2,
+        warmup=0,
+        repeat=1,
+        count_flops=False,
+    )
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(
+                "a cat", num_inference_steps=1, guidance_scale=1.0, height=64, width=64, output_type="latent"
+            )
+    finally:
+        handle.remove()
+    args, kwargs = calls[0]
+    adapter = adapt(model)
+    exported = {job.key: stage_fingerprint(job.module) for job in stage_jobs(plan, model)}
+    windows = [key for key in exported if key.startswith("window.")]
+    assert len(windows) >= 2
+    for k, stage in enumerate(plan.stages):
+        for lo, hi in stage.segments:
+            built, _ = build_stage(adapter, lo, hi, args, kwargs)
+            key = next(key for key in windows if key.startswith(f"window.s{k}.u{lo}-{hi}."))
+            assert stage_fingerprint(built) == exported[key], key
+    whole, _ = build_stage(adapter, 0, len(adapter.units), args, kwargs, whole=True)
+    assert stage_fingerprint(whole) == exported[next(key for key in exported if key.startswith("cfg."))]

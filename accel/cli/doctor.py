@@ -290,7 +290,9 @@ def _verdict(report: Report) -> None:
         )
     report.ready = not missing_install
     report.fixes = fixes
-    fast = [name for name in ("tensorrt", "aot", "inductor") if name in usable]
+    # inductor first: the backend measured on GPUs (docs/engines.md); aot and tensorrt depend on torch's
+    # AOTInductor loader and the torch-tensorrt release matching the installed torch.
+    fast = [name for name in ("inductor", "aot", "tensorrt") if name in usable]
     report.fixes.append(
         f"compile backends usable here: {', '.join(usable)}"
         + (f"; for speed try --backend {fast[0]} (docs/choosing.md)" if fast else "")

@@ -167,10 +167,11 @@ class InductorBackend(Backend):
     def export(
         self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike[str]
     ) -> Path:
-        fn = self.compile(module, example_inputs, strict=True)
-        with torch.no_grad():
-            fn(*example_inputs)
-        saved = torch.compiler.save_cache_artifacts()
+        with _fresh_cache_artifacts():
+            fn = self.compile(module, example_inputs, strict=True)
+            with torch.no_grad():
+                fn(*example_inputs)
+            saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             raise BackendError("inductor produced no cache artifacts to save (was the stage compiled?).")
         blob, _info = saved
@@ -185,6 +186,19 @@ class InductorBackend(Backend):
         return torch.compile(module, mode=self.mode, dynamic=False)
 
 
+def _fresh_cache_artifacts() -> Any:
+    """Record only this stage's cache artifacts: torch collects them per process, so without this every
+    engine file would also hold the stages exported before it in the same ``accel export``."""
+    import contextlib
+
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+
+        return CacheArtifactManager.with_fresh_cache()
+    except (ImportError, AttributeError):  # torch without the recorder's scoping: files overlap, still valid
+        return contextlib.nullcontext()
+
+
 def _repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     """Blocks listed in diffusers' ``_repeated_blocks`` (transformer blocks), for regional compilation."""
     model = getattr(module, "model", module)
@@ -195,7 +209,13 @@ def _repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class AOTBackend(Backend):
-    """``torch.export`` + AOTInductor: one ``.pt2`` package per stage (code and weights), no Python graph."""
+    """``torch.export`` + AOTInductor: one ``.pt2`` package per stage, no Python graph.
+
+    Packages hold the generated code only, not the weights: at load, the compiled model is bound to the
+    live module's parameters and buffers (the same memory, no copy). An SDXL U-Net's weights would
+    otherwise sit twice on the GPU and make every package 5 GB; the engine store still records the
+    weights' fingerprint, so a package is only used with the weights it was exported for.
+    """
 
     name = "aot"
     suffix = ".pt2"
@@ -223,10 +243,7 @@ class AOTBackend(Backend):
         import torch._inductor
 
         program = self._exported(module, example_inputs)
-        weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-        # Weights embedded in the shared library's data section break it past 2 GB (a full-size U-Net is
-        # 5 GB in fp16): append them to the library and map them at load time instead.
-        configs = {"aot_inductor.force_mmap_weights": True} if weight_bytes > 2**30 else {}
+        configs = {"aot_inductor.package_constants_in_so": False}
         with atomic_path(path, suffix=".pt2") as tmp:  # AOTInductor wants a .pt2 name
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
         return Path(path)
@@ -234,18 +251,55 @@ class AOTBackend(Backend):
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
         import torch._inductor
 
-        device = next((p.device for p in module.parameters()), None) if module is not None else None
+        if module is None:
+            raise BackendError(f"{path}: an aot package holds no weights; load it with module=<the stage>")
+        device = next((p.device for p in module.parameters()), None)
         if device is not None and device.type == "cuda":
             # The package names the device it was compiled on; load it onto this rank's device instead.
             index = device.index if device.index is not None else torch.cuda.current_device()
             runner = torch._inductor.aoti_load_package(str(path), device_index=index)
         else:
             runner = torch._inductor.aoti_load_package(str(path))
+        constants = _module_constants(module, runner.get_constant_fqns(), path)
+        # user_managed: the model reads the module's own tensors, which live as long as the stage does.
+        runner.load_constants(constants, check_full_update=True, user_managed=True)
 
-        def call(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def call(*tensors: torch.Tensor, _bound: dict = constants) -> tuple[torch.Tensor, ...]:
+            # _bound: the model holds raw pointers, so the tensors it reads must outlive it.
             return _as_tuple(runner(*tensors))
 
         return call
+
+
+def _module_constants(module: torch.nn.Module, names: Sequence[str], path: str | os.PathLike[str]) -> dict:
+    """The module's tensors for each constant name a compiled package asks for."""
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    found: dict[str, torch.Tensor] = {}
+    missing = []
+    for name in names:
+        value = tensors.get(name)
+        if value is None:  # a plain tensor attribute, lifted as a constant by torch.export
+            value = _attribute(module, name)
+        if not isinstance(value, torch.Tensor):
+            missing.append(name)
+            continue
+        found[name] = value.detach()
+    if missing:
+        raise BackendError(
+            f"{path}: the stage has no tensor for the package's constants {missing[:5]}; the package was "
+            "exported from another module; export it again (accel export --rebuild)"
+        )
+    return found
+
+
+def _attribute(module: torch.nn.Module, name: str) -> Any:
+    value: Any = module
+    for part in name.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
 
 class OnnxBackend(Backend):

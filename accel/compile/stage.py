@@ -147,7 +147,7 @@ class StageModule(torch.nn.Module):
         if self.whole:
             raise StageError("a whole-denoiser stage takes the forward arguments: use forward_inputs().")
         tensors: dict[str, torch.Tensor] = {}
-        template = _flatten(state.context, CONTEXT_PREFIX.rstrip("."), tensors)
+        template = _flatten(_unit_context(state.context), CONTEXT_PREFIX.rstrip("."), tensors)
         if template != self._template:
             raise StageError(
                 "the call's non-tensor context (LoRA scale, masks or residuals present, upsample sizes...) "
@@ -242,6 +242,13 @@ def _bind(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
     return arguments
 
 
+def _unit_context(context: Mapping[str, Any]) -> dict[str, Any]:
+    """A call's context as a unit-range stage sees it: ``return_dict`` only shapes the model's final
+    output, which such a stage never builds, so `accel export` (diffusers' default, True) and a pipeline
+    (False) describe the same stage."""
+    return {**context, "return_dict": False} if "return_dict" in context else dict(context)
+
+
 def _needed_skips(adapter: DenoiserAdapter, start: int, end: int) -> list[int]:
     pushed: set[int] = set()
     needed: set[int] = set()
@@ -284,7 +291,7 @@ def build_stage(
         state = adapter.prepare(*args, **kwargs)
         adapter.run(state, 0, start)
         named_context: dict[str, torch.Tensor] = {}
-        template = _flatten(state.context, CONTEXT_PREFIX.rstrip("."), named_context)
+        template = _flatten(_unit_context(state.context), CONTEXT_PREFIX.rstrip("."), named_context)
         before = adapter.state_tensors(state, start)
         needed = {f"{SKIP_PREFIX}{k}" for k in _needed_skips(adapter, start, end)}
         boundary = {n: t for n, t in before.items() if n.startswith(CARRY_PREFIX) or n in needed}

@@ -212,41 +212,7 @@ class UNetAdapter(DenoiserAdapter):
             if j == last:
                 paths = (*paths, f"{path}.proj_out")
 
-            def step(state: SegmentState, popped: list[int], j: int = j, tblock: Any = tblock) -> None:
-                ctx, carry = state.context, state.carry
-                if j == 0:
-                    residual = carry.pop("sample")
-                    tokens, _ = attn._operate_on_continuous_inputs(residual)
-                else:
-                    tokens = carry.pop("tokens")
-                    residual = carry.pop("residual")
-                # Masks arrive already converted to biases by prepare (ndim 3), as from the U-Net forward.
-                tokens = tblock(
-                    tokens,
-                    attention_mask=ctx["attention_mask"],
-                    encoder_hidden_states=ctx["encoder_hidden_states"],
-                    encoder_attention_mask=ctx["encoder_attention_mask"],
-                    timestep=None,
-                    cross_attention_kwargs=ctx["cross_attention_kwargs"],
-                    class_labels=None,
-                )
-                if j < last:
-                    carry["tokens"] = tokens
-                    carry["residual"] = residual
-                    return
-                batch, _, height, width = residual.shape
-                inner_dim = residual.shape[1] if attn.use_linear_projection else tokens.shape[-1]
-                carry["sample"] = attn._get_output_for_continuous_inputs(
-                    hidden_states=tokens,
-                    residual=residual,
-                    batch_size=batch,
-                    height=height,
-                    width=width,
-                    inner_dim=inner_dim,
-                )
-                if after is not None:
-                    after(state)
-
+            step = _transformer_block_step(attn, j, last, tblock, after)
             self._add(f"{path}.transformer_blocks.{j}", paths, step)
 
     def _add_resnet(self, path: str, resnet: Any, *, push: bool) -> None:
@@ -264,14 +230,7 @@ class UNetAdapter(DenoiserAdapter):
             self._add_resnet(f"{prefix}.resnets.{layer}", resnet, push=False)
             is_last = layer == n - 1
 
-            def after(state: SegmentState, is_last: bool = is_last) -> None:
-                if is_last:
-                    residual = state.context["adapter_down"].get(b)
-                    if residual is not None:
-                        state.carry["sample"] = state.carry["sample"] + residual
-                state.skips.append(state.carry["sample"])
-
-            self._attention(f"{prefix}.attentions.{layer}", attn, after=after)
+            self._attention(f"{prefix}.attentions.{layer}", attn, after=_push_after_attention(b, is_last))
             self._steps[-1].pushes = 1
         if block.downsamplers is not None:
             self._downsampler(prefix, block, with_temb=False)
@@ -284,12 +243,7 @@ class UNetAdapter(DenoiserAdapter):
                 path = f"{prefix}.attentions.{layer}"
 
                 # AttnDownBlock2D is called without cross_attention_kwargs by the U-Net forward.
-                def attend(state: SegmentState, popped: list[int], attn: Any = attn) -> None:
-                    sample = attn(state.carry["sample"])
-                    state.carry["sample"] = sample
-                    state.skips.append(sample)
-
-                self._add(path, (path,), attend, pushes=1)
+                self._add(path, (path,), _call_step(attn, push=True), pushes=1)
         if block.downsamplers is not None:
             self._downsampler(prefix, block, with_temb=getattr(block, "downsample_type", "conv") == "resnet")
 
@@ -364,11 +318,7 @@ class UNetAdapter(DenoiserAdapter):
             if cross:
                 self._attention(path, attn)
             elif attn is not None:
-
-                def attend(state: SegmentState, popped: list[int], attn: Any = attn) -> None:
-                    state.carry["sample"] = attn(state.carry["sample"], temb=state.context["emb"])
-
-                self._add(path, (path,), attend)
+                self._add(path, (path,), _call_step(attn, with_temb=True))
             self._add_resnet(f"mid_block.resnets.{layer + 1}", resnet, push=False)
 
     def _whole_mid(self, mid: Any) -> None:
@@ -396,30 +346,36 @@ class UNetAdapter(DenoiserAdapter):
             res = res + controlnet[popped[0]]
         return res
 
+    def _up_resnet_step(self, block: Any, resnet: Any, freeu_capable: bool) -> StepFn:
+        """Unit step for an up block's resnet: pop the skip (plus ControlNet residual), FreeU, concat, run."""
+        from diffusers.utils.torch_utils import apply_freeu
+
+        def step(state: SegmentState, popped: list[int]) -> None:
+            res = self._pop_skip(state, popped)
+            sample = state.carry["sample"]
+            if freeu_capable and (
+                getattr(block, "s1", None)
+                and getattr(block, "s2", None)
+                and getattr(block, "b1", None)
+                and getattr(block, "b2", None)
+            ):
+                sample, res = apply_freeu(
+                    block.resolution_idx, sample, res, s1=block.s1, s2=block.s2, b1=block.b1, b2=block.b2
+                )
+            sample = torch.cat([sample, res], dim=1)
+            state.carry["sample"] = resnet(sample, state.context["emb"])
+
+        return step
+
     def _up(self, prefix: str, i: int, block: Any, kind: type) -> None:
         from diffusers.models.unets.unet_2d_blocks import AttnUpBlock2D, CrossAttnUpBlock2D
-        from diffusers.utils.torch_utils import apply_freeu
 
         freeu_capable = kind is not AttnUpBlock2D
         attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
         for layer, (resnet, attn) in enumerate(zip(block.resnets, attentions, strict=True)):
             path = f"{prefix}.resnets.{layer}"
 
-            def res_step(state: SegmentState, popped: list[int], resnet: Any = resnet) -> None:
-                res = self._pop_skip(state, popped)
-                sample = state.carry["sample"]
-                if freeu_capable and (
-                    getattr(block, "s1", None)
-                    and getattr(block, "s2", None)
-                    and getattr(block, "b1", None)
-                    and getattr(block, "b2", None)
-                ):
-                    sample, res = apply_freeu(
-                        block.resolution_idx, sample, res, s1=block.s1, s2=block.s2, b1=block.b1, b2=block.b2
-                    )
-                sample = torch.cat([sample, res], dim=1)
-                state.carry["sample"] = resnet(sample, state.context["emb"])
-
+            res_step = self._up_resnet_step(block, resnet, freeu_capable)
             self._add(path, (path,), res_step, pops=1)
             if attn is None:
                 continue
@@ -427,11 +383,7 @@ class UNetAdapter(DenoiserAdapter):
             if kind is CrossAttnUpBlock2D:
                 self._attention(apath, attn)
             else:
-
-                def attend(state: SegmentState, popped: list[int], attn: Any = attn) -> None:
-                    state.carry["sample"] = attn(state.carry["sample"])
-
-                self._add(apath, (apath,), attend)
+                self._add(apath, (apath,), _call_step(attn))
         if block.upsamplers is None:
             return
         paths = tuple(f"{prefix}.upsamplers.{k}" for k in range(len(block.upsamplers)))
@@ -750,3 +702,76 @@ class UNetAdapter(DenoiserAdapter):
         if config.time_cond_proj_dim is not None:
             kwargs["timestep_cond"] = randn(batch, config.time_cond_proj_dim)
         return (), kwargs
+
+
+def _transformer_block_step(
+    attn: Any, j: int, last: int, tblock: Any, after: Callable[[SegmentState], None] | None
+) -> StepFn:
+    """Unit step for transformer block ``j`` of ``attn``.
+
+    Modules and indices are bound as closure variables, not as default arguments: torch.compile guards
+    on defaults through sources that some torch releases cannot read back from inductor's cache.
+    """
+
+    def step(state: SegmentState, popped: list[int]) -> None:
+        ctx, carry = state.context, state.carry
+        if j == 0:
+            residual = carry.pop("sample")
+            tokens, _ = attn._operate_on_continuous_inputs(residual)
+        else:
+            tokens = carry.pop("tokens")
+            residual = carry.pop("residual")
+        # Masks arrive already converted to biases by prepare (ndim 3), as from the U-Net forward.
+        tokens = tblock(
+            tokens,
+            attention_mask=ctx["attention_mask"],
+            encoder_hidden_states=ctx["encoder_hidden_states"],
+            encoder_attention_mask=ctx["encoder_attention_mask"],
+            timestep=None,
+            cross_attention_kwargs=ctx["cross_attention_kwargs"],
+            class_labels=None,
+        )
+        if j < last:
+            carry["tokens"] = tokens
+            carry["residual"] = residual
+            return
+        batch, _, height, width = residual.shape
+        inner_dim = residual.shape[1] if attn.use_linear_projection else tokens.shape[-1]
+        carry["sample"] = attn._get_output_for_continuous_inputs(
+            hidden_states=tokens,
+            residual=residual,
+            batch_size=batch,
+            height=height,
+            width=width,
+            inner_dim=inner_dim,
+        )
+        if after is not None:
+            after(state)
+
+    return step
+
+
+def _push_after_attention(block_index: int, is_last: bool) -> Callable[[SegmentState], None]:
+    """After a down block's attention: add the T2I-adapter residual (last layer) and push the skip."""
+
+    def after(state: SegmentState) -> None:
+        if is_last:
+            residual = state.context["adapter_down"].get(block_index)
+            if residual is not None:
+                state.carry["sample"] = state.carry["sample"] + residual
+        state.skips.append(state.carry["sample"])
+
+    return after
+
+
+def _call_step(module: Any, *, push: bool = False, with_temb: bool = False) -> StepFn:
+    """Unit step that runs ``module`` on the carried sample (with ``temb``), pushing it as a skip if asked."""
+
+    def step(state: SegmentState, popped: list[int]) -> None:
+        sample = state.carry["sample"]
+        sample = module(sample, temb=state.context["emb"]) if with_temb else module(sample)
+        state.carry["sample"] = sample
+        if push:
+            state.skips.append(sample)
+
+    return step
