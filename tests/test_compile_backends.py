@@ -223,6 +223,64 @@ def test_aot_package_holds_no_weights_and_binds_the_modules_own(tmp_path) -> Non
         backend.load(path)
 
 
+def test_aot_loader_crash_in_child_becomes_a_clear_error(tmp_path, monkeypatch) -> None:
+    """A torch whose AOTInductor loader segfaults must not kill the rank: the child-process check turns it
+    into a BackendError naming the cause and the fix, once per backend instance."""
+    from accel.compile.backends import AOTBackend
+
+    class Crashing(AOTBackend):
+        LOADER_CHECK = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+
+    backend = Crashing()
+    package = tmp_path / "stage.pt2"
+    package.write_bytes(b"not read")
+    with pytest.raises(BackendError, match=r"crashed \(signal 11\).*--backend inductor"):
+        backend.check_loader(package, 0)
+
+    def no_second_child(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the outcome is kept: no second child process")
+
+    monkeypatch.setattr(backends_mod.subprocess, "run", no_second_child)
+    with pytest.raises(BackendError, match="cannot load AOTInductor packages"):
+        backend.check_loader(package, 0)
+    # Compiling in memory would end in the same loader: refused before any compilation.
+    monkeypatch.setattr(torch.export, "export", no_second_child)
+    with pytest.raises(BackendError, match="cannot load AOTInductor packages"):
+        backend.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+
+
+@pytest.mark.slow
+def test_aot_loader_check_passes_for_a_loadable_package(tmp_path) -> None:
+    from accel.compile.backends import AOTBackend
+
+    stage = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    inputs = (torch.randn(2, 8),)
+    backend = AOTBackend()
+    path = backend.export(stage, inputs, tmp_path / "mlp.pt2")
+    backend.check_loader(path, -1)  # loads in a child process without error
+    with torch.no_grad():
+        _close(backend.load(path, module=stage)(*inputs), (stage(*inputs),), 1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_engine_holds_only_its_own_stage(tmp_path) -> None:
+    """torch records cache artifacts per process; each exported file must carry its own stage only (the
+    second of two same-sized stages was twice the first's size when files accumulated)."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    backend = get_backend("inductor")
+    x = torch.randn(2, 8)
+    first = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU()).eval()
+    second = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh()).eval()
+    sizes = []
+    for name, module in (("first", first), ("second", second)):
+        blob = backend.export(module, (x,), tmp_path / name).read_bytes()
+        assert (CacheArtifactManager.deserialize(blob) or {}).get("inductor")
+        sizes.append(len(blob))
+    assert sizes[1] < 1.3 * sizes[0], sizes
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_inductor_stage_matches_eager(sd3_stage, tmp_path) -> None:
     stage, inputs, expected = sd3_stage

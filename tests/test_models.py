@@ -390,3 +390,15 @@ def test_unsupported_models_name_what_is_missing() -> None:
         adapt(Blocks())
     with pytest.raises(IndexError, match="outside"):
         adapt(_sd3()).run(SegmentState(context={}, carry={}), 0, 99)
+
+
+def test_unet_steps_take_no_default_arguments() -> None:
+    """Unit steps bind modules as closure variables: torch.compile guards on default arguments through a
+    source that torch 2.11 cannot read back from inductor's cache, so engines would compile again."""
+    for unet in (tiny_sdxl_pipeline().unet, _sd1_unet(), _odd_blocks_unet()):
+        steps = adapt(unet)._steps  # type: ignore[attr-defined]
+        assert steps
+        for step in steps:
+            for fn in (step.fn, *step.post):
+                assert getattr(fn, "__defaults__", None) is None, step.name
+                assert getattr(fn, "__kwdefaults__", None) is None, step.name

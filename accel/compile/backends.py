@@ -23,6 +23,8 @@ import importlib.util
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 import weakref
@@ -220,6 +222,45 @@ class AOTBackend(Backend):
     name = "aot"
     suffix = ".pt2"
 
+    #: Child-process check of torch's package loader before the first CUDA load (see ``check_loader``).
+    LOADER_CHECK = (
+        "import sys, torch._inductor; i = int(sys.argv[2]); "
+        "torch._inductor.aoti_load_package(sys.argv[1], **({'device_index': i} if i >= 0 else {}))"
+    )
+
+    def __init__(self, *, check_loader: bool = True) -> None:
+        self.check_loader_first = check_loader
+        self._loader_problem: str | None = None
+        self._loader_checked = False
+
+    def check_loader(self, path: str | os.PathLike[str], device_index: int, timeout: float = 300.0) -> None:
+        """Load ``path`` once in a child process (onto CUDA device ``device_index``, or -1 for a CPU
+        package); ``BackendError`` if that fails or crashes.
+
+        Some CUDA builds of torch crash (SIGSEGV) inside AOTInductor's package loader for every package
+        (torch 2.11.0+cu130 on our GPU host). In this process that would kill the rank with no message;
+        checked in a child first, it is an error that names the cause and the fix. The outcome is kept
+        for this backend instance: the loader either works on this machine or it does not.
+        """
+        if not self._loader_checked:
+            cmd = [sys.executable, "-c", self.LOADER_CHECK, str(path), str(device_index)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+                code, detail = proc.returncode, (proc.stderr or "").strip().splitlines()[-1:]
+            except subprocess.TimeoutExpired:
+                code, detail = None, [f"no answer after {timeout:g} s"]
+            if code != 0:
+                how = f"crashed (signal {-code})" if code is not None and code < 0 else "failed"
+                self._loader_problem = (
+                    f"torch {torch.__version__} cannot load AOTInductor packages on this machine: loading "
+                    f"{Path(path).name} in a child process {how}{': ' + detail[0] if detail else ''}. Use "
+                    "--backend inductor (accel export PLAN --backend inductor) instead; see "
+                    "docs/troubleshooting.md."
+                )
+            self._loader_checked = True
+        if self._loader_problem is not None:
+            raise BackendError(self._loader_problem)
+
     def _exported(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
         with torch.no_grad():
             return torch.export.export(module, tuple(example_inputs), strict=False)
@@ -227,6 +268,8 @@ class AOTBackend(Backend):
     def compile(
         self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
     ) -> StageCallable:
+        if self._loader_problem is not None:  # known not to load here: skip minutes of compilation
+            raise BackendError(self._loader_problem)
         # Keep the package until the callable is gone (the loader may read it lazily).
         tmp = tempfile.mkdtemp(prefix="accel-aot-")
         try:
@@ -257,6 +300,8 @@ class AOTBackend(Backend):
         if device is not None and device.type == "cuda":
             # The package names the device it was compiled on; load it onto this rank's device instead.
             index = device.index if device.index is not None else torch.cuda.current_device()
+            if self.check_loader_first:
+                self.check_loader(path, index)
             runner = torch._inductor.aoti_load_package(str(path), device_index=index)
         else:
             runner = torch._inductor.aoti_load_package(str(path))
