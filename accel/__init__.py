@@ -7,15 +7,45 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from accel.accelerator import Accelerator, DeviceUnavailableError
-from accel.runtime.comm import PeerFailedError, RankMismatchError
-from accel.runtime.schedule import ScheduleSettings
-from accel.settings import PIPELINE_SETTINGS, AccelSettings, SettingsError
-from accel.wrapper import AcceleratedPipeline, CallReport, UnsupportedPipelineError, unwrap
+if TYPE_CHECKING:
+    from accel.accelerator import Accelerator, DeviceUnavailableError
+    from accel.runtime.comm import PeerFailedError, RankMismatchError
+    from accel.runtime.schedule import ScheduleSettings
+    from accel.settings import AccelSettings, SettingsError
+    from accel.wrapper import AcceleratedPipeline, CallReport, UnsupportedPipelineError, unwrap
 
 __version__ = "0.1.0"
+
+# Public names and the module each lives in. They are imported on first use, so that `import accel`
+# (and every `accel` command that needs no pipeline, such as `accel inspect` or `--help`) does not pay
+# for importing diffusers and the runtime.
+_EXPORTS = {
+    "Accelerator": "accel.accelerator",
+    "DeviceUnavailableError": "accel.accelerator",
+    "PeerFailedError": "accel.runtime.comm",
+    "RankMismatchError": "accel.runtime.comm",
+    "ScheduleSettings": "accel.runtime.schedule",
+    "AccelSettings": "accel.settings",
+    "SettingsError": "accel.settings",
+    "AcceleratedPipeline": "accel.wrapper",
+    "CallReport": "accel.wrapper",
+    "UnsupportedPipelineError": "accel.wrapper",
+    "unwrap": "accel.wrapper",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'accel' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
 def wrap(pipe: Any, *, accelerator: Accelerator | str | None = None, **settings: Any) -> AcceleratedPipeline:
@@ -33,6 +63,9 @@ def wrap(pipe: Any, *, accelerator: Accelerator | str | None = None, **settings:
     Returns:
         A wrapper that is called exactly like ``pipe`` and returns the same output on every rank.
     """
+    from accel.accelerator import Accelerator
+    from accel.settings import PIPELINE_SETTINGS, SettingsError
+
     if isinstance(accelerator, Accelerator):
         other = sorted(set(settings) - set(PIPELINE_SETTINGS))
         if other:
