@@ -1,0 +1,79 @@
+"""Can this torch build load AOTInductor packages? A three-layer MLP, exported with and without its
+weights, loaded in child processes (a crash there is reported, not fatal).
+
+    python benchmarks/aoti_loader_gpu.py [--device cuda|cpu]
+
+The same cases, run by hand on our GPU host (torch 2.11.0+cu130, 2 x H200, 2026-11-26), crashed with
+SIGSEGV inside the loader every time; this script has run on the CPU only so far. accel's `aot` backend
+makes the same check before its first CUDA load (``AOTBackend.check_loader``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor
+
+LOAD = """
+import sys, torch, torch._inductor
+path, device, weights = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+kwargs = {"device_index": 0} if device == "cuda" else {}
+runner = torch._inductor.aoti_load_package(path, **kwargs)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64))
+dtype = torch.float16 if device == "cuda" else torch.float32
+model = model.to(device, dtype).eval()
+if not weights:
+    named = dict(model.named_parameters())
+    runner.load_constants({n: named[n].detach() for n in runner.get_constant_fqns()}, check_full_update=True,
+                          user_managed=True)
+x = torch.randn(8, 256, device=device, dtype=dtype)
+with torch.no_grad():
+    print(float((runner(x) - model(x)).abs().max()))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64))
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    model = model.to(args.device, dtype).eval()
+    x = torch.randn(8, 256, device=args.device, dtype=dtype)
+    program = torch.export.export(model, (x,), strict=False)
+    print(f"torch {torch.__version__}, {args.device}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for weights in (True, False):
+            path = Path(tmp) / f"mlp-{'weights' if weights else 'code'}.pt2"
+            start = time.perf_counter()
+            configs = {} if weights else {"aot_inductor.package_constants_in_so": False}
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path), inductor_configs=configs
+            )
+            exported = time.perf_counter() - start
+            proc = subprocess.run(
+                [sys.executable, "-c", LOAD, str(path), args.device, "1" if weights else "0"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode == 0:
+                outcome = f"loaded, max abs diff {proc.stdout.strip()}"
+            elif proc.returncode < 0:
+                outcome = f"load crashed (signal {-proc.returncode})"
+            else:
+                outcome = f"load failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+            print(f"{'with' if weights else 'without'} weights: export {exported:.1f} s, {outcome}")
+
+
+if __name__ == "__main__":
+    main()
