@@ -127,10 +127,16 @@ class Accelerator:
             self._monitor = FailureMonitor.for_default_group(fabric.global_rank, fabric.world_size)
             if self._monitor is not None:
                 self._monitor.start()
-            # The first collective: all ranks must agree on the settings before any work starts.
-            self._comm.check_same("accel settings", f"{self.settings!r}")
-            # Once per Accelerator, not per call: group creation is collective and slow on NCCL.
-            self._comm.create_groups(self.settings.collective_timeout_s)
+            try:
+                # The first collective: all ranks must agree on the settings before any work starts.
+                self._comm.check_same("accel settings", f"{self.settings!r}")
+                # Once per Accelerator, not per call: group creation is collective and slow on NCCL.
+                self._comm.create_groups(self.settings.collective_timeout_s)
+            except BaseException:
+                # Every rank raises here (they all see the disagreement): leave the group now, so that
+                # the process exits with this error rather than abort while tearing the group down.
+                self._leave_group()
+                raise
             if self.rank == 0:
                 log.info("group layout: %s", self._comm.layout.describe())
         log.info("rank %d/%d on %s", self.rank, self.world_size, self.device)
@@ -178,6 +184,12 @@ class Accelerator:
             self._monitor.stop()
         if self._comm is not None and dist.is_initialized():
             dist.barrier()
+        self._leave_group()
+
+    def _leave_group(self) -> None:
+        if self._monitor is not None:
+            self._monitor.stop()
+        if self._comm is not None and dist.is_initialized():
             dist.destroy_process_group()
         self._comm = None
 

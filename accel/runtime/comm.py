@@ -8,6 +8,7 @@ CFG group layout (:mod:`accel.runtime.groups`) are created with the same timeout
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -221,12 +222,18 @@ class FailureMonitor:
         return cls(store, rank, world_size)
 
     def start(self) -> None:
-        """Start watching for peer failures."""
+        """Start watching for peer failures (until :meth:`stop`, or until the interpreter exits)."""
         self._thread.start()
+        # A watcher still inside a store call while the interpreter tears the store down can abort the
+        # process (SIGABRT) instead of letting it exit with its own error.
+        atexit.register(self.stop)
 
-    def stop(self) -> None:
-        """Stop watching (on clean shutdown)."""
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop watching and wait for the watcher to finish its current poll."""
         self._stop.set()
+        atexit.unregister(self.stop)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
     def post(self, exc: BaseException) -> None:
         """Publish this rank's failure so that every other rank stops too."""
