@@ -279,7 +279,7 @@ def _verdict(report: Report) -> None:
         )
     elif n == 1:
         report.verdict = (
-            "1 GPU: guidance splitting needs 2; a compile backend (--backend aot/inductor) still helps."
+            "1 GPU: guidance splitting needs 2; a compile backend (--backend inductor) still helps."
         )
     else:
         even = n - n % 2

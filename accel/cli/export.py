@@ -15,7 +15,12 @@ from accel.cli.app import app
 @app.command("export")
 def export(
     plan_file: Path = typer.Argument(..., help="A plan file written by `accel plan`."),
-    backend: str = typer.Option("aot", "--backend", "-b", help="aot, inductor, onnx or tensorrt."),
+    backend: str = typer.Option(
+        "inductor",
+        "--backend",
+        "-b",
+        help="inductor, aot, onnx or tensorrt (`accel doctor` lists usable ones).",
+    ),
     output: Path = typer.Option(Path("engines"), "--output", "-o", help="The engine directory to write."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Recompile engines even if fitting ones exist."),
     vae: bool = typer.Option(True, "--vae/--no-vae", help="Also export the pipeline's VAE decoder."),

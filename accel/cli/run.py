@@ -176,7 +176,7 @@ def _engines_backend(engines: Path, backend: str | None) -> str:
     if not (engines / MANIFEST).is_file():
         raise RunInputError(
             f"--engines {engines} is not an engine directory (no {MANIFEST}). Write one with "
-            f"`accel export PLAN --backend aot -o {engines}`."
+            f"`accel export PLAN -o {engines}`."
         )
     try:
         records = EngineStore(engines).records()
