@@ -180,16 +180,14 @@ class Accelerator:
 
     def teardown(self) -> None:
         """Leave the process group cleanly (every rank calls it once its work is done)."""
-        if self._monitor is not None:
-            self._monitor.stop()
-        if self._comm is not None and dist.is_initialized():
-            dist.barrier()
-        self._leave_group()
+        self._leave_group(barrier=True)
 
-    def _leave_group(self) -> None:
+    def _leave_group(self, *, barrier: bool = False) -> None:
         if self._monitor is not None:
             self._monitor.stop()
         if self._comm is not None and dist.is_initialized():
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
         self._comm = None
 

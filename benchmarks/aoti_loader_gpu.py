@@ -20,35 +20,36 @@ from pathlib import Path
 import torch
 import torch._inductor
 
-LOAD = """
-import sys, torch, torch._inductor
-path, device, weights = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-kwargs = {"device_index": 0} if device == "cuda" else {}
-runner = torch._inductor.aoti_load_package(path, **kwargs)
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64))
-dtype = torch.float16 if device == "cuda" else torch.float32
-model = model.to(device, dtype).eval()
-if not weights:
-    named = dict(model.named_parameters())
-    runner.load_constants({n: named[n].detach() for n in runner.get_constant_fqns()}, check_full_update=True,
-                          user_managed=True)
-x = torch.randn(8, 256, device=device, dtype=dtype)
-with torch.no_grad():
-    print(float((runner(x) - model(x)).abs().max()))
-"""
+
+def _mlp(device: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and its input, identical in the exporting and the loading process (seeded)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64))
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    return model.to(device, dtype).eval(), torch.randn(8, 256, device=device, dtype=dtype)
+
+
+def _load(path: str, device: str, weights: bool) -> None:
+    """Child process: load the package, bind the weights if it holds none, print the max abs error."""
+    runner = torch._inductor.aoti_load_package(path, **({"device_index": 0} if device == "cuda" else {}))
+    model, x = _mlp(device)
+    if not weights:
+        named = dict(model.named_parameters())
+        constants = {n: named[n].detach() for n in runner.get_constant_fqns()}
+        runner.load_constants(constants, check_full_update=True, user_managed=True)
+    with torch.no_grad():
+        print(float((runner(x) - model(x)).abs().max()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--load", nargs=2, metavar=("PACKAGE", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64))
-    dtype = torch.float16 if args.device == "cuda" else torch.float32
-    model = model.to(args.device, dtype).eval()
-    x = torch.randn(8, 256, device=args.device, dtype=dtype)
+    if args.load:
+        _load(args.load[0], args.device, args.load[1] == "1")
+        return
+    model, x = _mlp(args.device)
     program = torch.export.export(model, (x,), strict=False)
     print(f"torch {torch.__version__}, {args.device}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,14 +61,18 @@ def main() -> None:
                 program, package_path=str(path), inductor_configs=configs
             )
             exported = time.perf_counter() - start
-            proc = subprocess.run(
-                [sys.executable, "-c", LOAD, str(path), args.device, "1" if weights else "0"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            child = [
+                sys.executable,
+                __file__,
+                "--device",
+                args.device,
+                "--load",
+                str(path),
+                str(int(weights)),
+            ]
+            proc = subprocess.run(child, capture_output=True, text=True, check=False)
             if proc.returncode == 0:
-                outcome = f"loaded, max abs diff {proc.stdout.strip()}"
+                outcome = f"loaded, max abs diff {proc.stdout.strip().splitlines()[-1]}"
             elif proc.returncode < 0:
                 outcome = f"load crashed (signal {-proc.returncode})"
             else:

@@ -14,18 +14,15 @@ import json
 import logging
 from pathlib import Path
 
-from accel.bench.speed import CONFIGS, WINDOW_MODES, SuiteSettings, run_suite, save
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(v for v in text.split(",") if v)
-
-
-def _schedule(text: str) -> object:
-    if "," in text:
-        start, end = (int(v) for v in text.split(","))
-        return (start, end)
-    return text
+from accel.bench.speed import (
+    CONFIGS,
+    WINDOW_MODES,
+    SuiteSettings,
+    parse_names,
+    parse_schedule,
+    run_suite,
+    save,
+)
 
 
 def main() -> None:
@@ -35,10 +32,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--configs", type=_csv, default=CONFIGS)
-    parser.add_argument("--backends", type=_csv, default=("inductor",))
-    parser.add_argument("--window-modes", type=_csv, default=WINDOW_MODES)
-    parser.add_argument("--schedule", type=_schedule, default="adaptive")
+    parser.add_argument("--configs", type=parse_names, default=CONFIGS)
+    parser.add_argument("--backends", type=parse_names, default=("inductor",))
+    parser.add_argument("--window-modes", type=parse_names, default=WINDOW_MODES)
+    parser.add_argument("--schedule", type=parse_schedule, default="adaptive")
     parser.add_argument("--engines", default=None)
     parser.add_argument("--plan", default=None)
     parser.add_argument("--tiny", action="store_true")

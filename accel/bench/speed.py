@@ -45,6 +45,19 @@ GUIDANCE: dict[str, float] = {"sdxl": 5.0, "sd3": 7.0}
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """A comma-separated command-line list (``"A,B, D"``) as a tuple of names."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def parse_schedule(text: str) -> Any:
+    """A command-line schedule: a mode name (``"adaptive"``, ``"never"``...) or ``"START,END"``."""
+    if "," in text:
+        start, end = (int(v) for v in text.split(","))
+        return (start, end)
+    return text
+
+
 @dataclass(frozen=True, kw_only=True)
 class SuiteSettings:
     """One run of the suite: which model, shape and configurations.

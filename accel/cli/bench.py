@@ -119,10 +119,6 @@ def bench(
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
 def _speed(
     console: Console,
     model: str,
@@ -141,7 +137,7 @@ def _speed(
 ) -> None:
     import torch
 
-    from accel.bench.speed import SuiteSettings, run_suite, save
+    from accel.bench.speed import SuiteSettings, parse_names, parse_schedule, run_suite, save
 
     if not tiny and torch.cuda.device_count() < 2:
         console.print(
@@ -149,10 +145,7 @@ def _speed(
             "Run it on a 2-GPU host, or pass --tiny for a CPU dry run."
         )
         raise typer.Exit(1)
-    window: object = schedule
-    if "," in schedule:
-        start, end = (int(v) for v in schedule.split(","))
-        window = (start, end)
+    window = parse_schedule(schedule)
     try:
         settings = SuiteSettings(
             model=model,
@@ -160,9 +153,9 @@ def _speed(
             width=width,
             steps=steps,
             repeat=repeat,
-            configs=_csv(configs),
-            backends=_csv(backends),
-            window_modes=_csv(window_modes),
+            configs=parse_names(configs),
+            backends=parse_names(backends),
+            window_modes=parse_names(window_modes),
             schedule=window,
             engines=None if engines is None else str(engines),
             plan=None if plan is None else str(plan),

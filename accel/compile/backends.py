@@ -228,8 +228,7 @@ class AOTBackend(Backend):
         "torch._inductor.aoti_load_package(sys.argv[1], **({'device_index': i} if i >= 0 else {}))"
     )
 
-    def __init__(self, *, check_loader: bool = True) -> None:
-        self.check_loader_first = check_loader
+    def __init__(self) -> None:
         self._loader_problem: str | None = None
         self._loader_checked = False
 
@@ -300,20 +299,24 @@ class AOTBackend(Backend):
         if device is not None and device.type == "cuda":
             # The package names the device it was compiled on; load it onto this rank's device instead.
             index = device.index if device.index is not None else torch.cuda.current_device()
-            if self.check_loader_first:
-                self.check_loader(path, index)
+            self.check_loader(path, index)
             runner = torch._inductor.aoti_load_package(str(path), device_index=index)
         else:
             runner = torch._inductor.aoti_load_package(str(path))
-        constants = _module_constants(module, runner.get_constant_fqns(), path)
-        # user_managed: the model reads the module's own tensors, which live as long as the stage does.
+        return _BoundPackage(runner, _module_constants(module, runner.get_constant_fqns(), path))
+
+
+class _BoundPackage:
+    """An AOTInductor model bound to the stage's own tensors (``user_managed``: it reads them through raw
+    pointers, so this object holds them for as long as the model can run)."""
+
+    def __init__(self, runner: Any, constants: dict[str, torch.Tensor]) -> None:
         runner.load_constants(constants, check_full_update=True, user_managed=True)
+        self._runner = runner
+        self._constants = constants
 
-        def call(*tensors: torch.Tensor, _bound: dict = constants) -> tuple[torch.Tensor, ...]:
-            # _bound: the model holds raw pointers, so the tensors it reads must outlive it.
-            return _as_tuple(runner(*tensors))
-
-        return call
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _as_tuple(self._runner(*tensors))
 
 
 def _module_constants(module: torch.nn.Module, names: Sequence[str], path: str | os.PathLike[str]) -> dict:

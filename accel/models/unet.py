@@ -216,13 +216,7 @@ class UNetAdapter(DenoiserAdapter):
             self._add(f"{path}.transformer_blocks.{j}", paths, step)
 
     def _add_resnet(self, path: str, resnet: Any, *, push: bool) -> None:
-        def step(state: SegmentState, popped: list[int]) -> None:
-            sample = resnet(state.carry["sample"], state.context["emb"])
-            state.carry["sample"] = sample
-            if push:
-                state.skips.append(sample)
-
-        self._add(path, (path,), step, pushes=int(push))
+        self._add(path, (path,), _call_step(resnet, push=push, with_temb=True), pushes=int(push))
 
     def _cross_attn_down(self, prefix: str, b: int, block: Any) -> None:
         n = len(block.resnets)
