@@ -29,13 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from accel.errors import AccelError
+from accel.settings import SettingsError, check_count
+
 log = logging.getLogger(__name__)
 
 #: The rendezvous run id; every node of one run must use the same one (it prefixes the store's keys).
 RUN_ID = "accel-run"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(AccelError, RuntimeError):
     """A worker process failed; the message names the rank and its error (``failures``: rank -> error)."""
 
     def __init__(self, message: str, failures: Mapping[int, str]) -> None:
@@ -67,24 +70,25 @@ class LaunchSpec:
     threads_per_worker: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("devices", "num_nodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_count("devices", self.devices)
+        check_count("num_nodes", self.num_nodes)
         if not 0 <= self.node_rank < self.num_nodes:
-            raise ValueError(
-                f"node_rank={self.node_rank} is outside 0..{self.num_nodes - 1} for num_nodes={self.num_nodes}; "
-                "give each node its own rank, 0 for the node at master_addr."
+            raise SettingsError(
+                f"node_rank={self.node_rank} (--node-rank) is outside 0..{self.num_nodes - 1} for "
+                f"num_nodes={self.num_nodes}; give each node its own rank, 0 for the node at master_addr."
             )
         if self.master_port is not None and not 1 <= self.master_port <= 65535:
-            raise ValueError(f"master_port={self.master_port} is not a TCP port (1-65535).")
+            raise SettingsError(
+                f"master_port={self.master_port} (--master-port) is not a TCP port (1-65535)."
+            )
         if self.num_nodes > 1 and self.master_port is None:
-            raise ValueError(
-                f"num_nodes={self.num_nodes} needs master_port (and master_addr, the address of node 0): every "
-                "node must be told the same port, so none can be picked at random."
+            raise SettingsError(
+                f"num_nodes={self.num_nodes} needs master_port (accel run --num-nodes {self.num_nodes} needs "
+                "--master-port) and master_addr, the address of node 0: every node must be told the same port, "
+                "so none can be picked at random."
             )
         if not self.join_timeout_s > 0:
-            raise ValueError(f"join_timeout_s must be > 0, got {self.join_timeout_s!r}.")
+            raise SettingsError(f"join_timeout_s must be > 0, got {self.join_timeout_s!r}.")
 
     @property
     def world_size(self) -> int:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accel.errors import AccelError
 
-class LayoutError(ValueError):
+
+class LayoutError(AccelError, ValueError):
     """The world size or a block size does not fit the CFG group layout; the message names the fix."""
 
 

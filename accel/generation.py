@@ -12,24 +12,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from accel.accelerator import Accelerator
 from accel.atomic import atomic_path
+from accel.request import IMAGE_SUFFIXES
+from accel.settings import AccelSettings
+from accel.source import ModelSource
+from accel.targets import load_pipeline
+from accel.wrapper import unwrap
 
 log = logging.getLogger(__name__)
-
-#: Image file suffixes ``--output`` may end in (PIL writes each by its suffix).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
 class GenerationJob:
     """Everything a worker needs (picklable: it travels to spawned processes).
 
-    ``source`` is a plan-style model source (``{"kind": "demo"|"arch"|"folder"|"hub", ...}``),
-    ``settings`` the keyword arguments of :class:`accel.AccelSettings`. Image ``i`` (counted over all
+    ``source`` names the model, ``settings`` are the keyword arguments of :class:`accel.AccelSettings`. Image ``i`` (counted over all
     prompts) is generated from seed ``seed + i``, so an image does not depend on how prompts are batched.
     """
 
-    source: dict[str, Any]
+    source: ModelSource
     settings: dict[str, Any]
     prompts: list[str]
     negative_prompt: str | None = None
@@ -60,24 +66,6 @@ def output_paths(output: str | os.PathLike[str], count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
-def load_pipeline(source: dict[str, Any], *, dtype: Any, device: Any) -> Any:
-    """The whole diffusers pipeline a plan-style ``source`` names (text encoders and VAE included)."""
-    if source["kind"] in ("demo", "arch"):
-        from accel.testing import build_pipeline
-
-        kwargs: dict[str, Any] = {"device": device}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        if "seed" in source:
-            kwargs["seed"] = source["seed"]
-        return build_pipeline(source["name"], **kwargs)
-    from diffusers import DiffusionPipeline
-
-    location = source["path"] if source["kind"] == "folder" else source["id"]
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    return DiffusionPipeline.from_pretrained(location, **kwargs)
-
-
 def _save(image: Any, path: Path) -> None:
     # Written beside the target and renamed: an interrupted run never leaves a partial image behind.
     with atomic_path(path, suffix=path.suffix) as tmp:
@@ -91,9 +79,6 @@ def _step_progress(enabled: bool, total_images: int, steps: int) -> Iterator[Cal
     if not enabled:
         yield None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         images = progress.add_task("images", total=total_images)
@@ -121,15 +106,13 @@ def generate(job: GenerationJob) -> dict[str, Any]:
     """
     import lightning  # noqa: F401  (its import sets its loggers to INFO; quieted below, after it)
 
-    import accel
-
     # A fresh process: its log format is this worker's to choose, with the rank on every line.
     rank = os.environ.get("RANK", "?")
     logging.basicConfig(level=job.log_level, format=f"%(asctime)s rank {rank} %(name)s: %(message)s")
     # Fabric announces every process group at INFO; the run's own summary says what matters.
     for name in ("lightning.fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    acc = accel.Accelerator(settings=accel.AccelSettings(**job.settings))
+    acc = Accelerator(settings=AccelSettings(**job.settings))
     acc.launch()
     try:
         result = _generate(acc, job)
@@ -140,17 +123,13 @@ def generate(job: GenerationJob) -> dict[str, Any]:
     return result
 
 
-def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
-    import torch
-
-    import accel
-
+def _generate(acc: Accelerator, job: GenerationJob) -> dict[str, Any]:
     device = acc.device
     dtype = acc.settings.dtype
-    if dtype is None and job.source["kind"] == "arch":
+    if dtype is None and job.source.kind == "arch":
         # Full-size random-weight models: fp16 on GPUs, as `accel plan --arch` profiles them.
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(job.source, dtype=dtype, device="cpu" if job.source["kind"] != "arch" else device)
+    pipe = load_pipeline(job.source, dtype=dtype, device=device if job.source.kind == "arch" else "cpu")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # accel's own bar replaces diffusers' per-rank bars
     wrapped = acc.wrap(pipe)
@@ -176,7 +155,7 @@ def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
                         _save(image, path)
                         written.append(str(path))
     finally:
-        accel.unwrap(wrapped)
+        unwrap(wrapped)
     return {
         "rank": acc.rank,
         "images": written,
@@ -186,8 +165,6 @@ def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
 
 
 def _call_arguments(job: GenerationJob, start: int, prompts: list[str]) -> dict[str, Any]:
-    import torch
-
     call: dict[str, Any] = dict(
         prompt=prompts,
         num_inference_steps=job.steps,
