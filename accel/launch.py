@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import runpy
 import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +129,7 @@ def launch_script(spec: LaunchSpec, script: str | os.PathLike[str], args: Sequen
 
 
 def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[Any]) -> dict[int, Any]:
+    # Deferred: torch is imported when launching, not when the command line (which imports this) starts.
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -251,8 +254,6 @@ def _kept_signal_handlers() -> Iterator[None]:
     try:
         yield
     finally:
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for s, handler in saved.items():
                 signal.signal(s, handler)
@@ -305,8 +306,6 @@ def launched_environment() -> dict[str, int] | None:
 
 def _run_script(argv: Sequence[str]) -> None:
     """Run ``argv[0]`` as ``__main__`` with ``sys.argv = argv``, recording an exception for the launcher."""
-    import runpy
-
     from torch.distributed.elastic.multiprocessing.errors import record
 
     script = argv[0]

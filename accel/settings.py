@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -207,19 +205,22 @@ class SettingsError(AccelError, ValueError):
     """A setting has an invalid value; the message names the setting and the valid choices."""
 
 
-def check_count(name: str, value: object) -> None:
-    """Refuse a process or node count that is not a positive integer."""
+def check_count(name: str, value: object, error: type[AccelError] | None = None) -> None:
+    """Refuse (``error``, default :class:`SettingsError`) a count of processes or nodes that is not a
+    positive integer."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SettingsError(f"{name} must be a positive integer, got {value!r}.")
+        raise (error or SettingsError)(f"{name} must be a positive integer, got {value!r}.")
 
 
-def check_world_size(devices: int, num_nodes: int) -> None:
-    """Refuse an odd world size above 1: the two guidance branches split the processes in halves."""
+def check_world_size(devices: int, num_nodes: int = 1, error: type[AccelError] | None = None) -> None:
+    """Refuse (``error``, default :class:`SettingsError`) an odd world size above 1: the two guidance
+    branches split the processes into two equal CFG groups."""
     world = devices * num_nodes
     if world > 1 and world % 2:
-        raise SettingsError(
-            f"world size {world} (devices={devices} x num_nodes={num_nodes}) is odd: "
-            "the two guidance branches need an even number of devices. Use 1, 2 or another even count."
+        layout = f" (devices={devices} x num_nodes={num_nodes})" if num_nodes > 1 or error is None else ""
+        raise (error or SettingsError)(
+            f"world size {world}{layout} is odd: the two guidance branches need an even number of devices. "
+            "Use 1, 2 or another even count."
         )
 
 
@@ -336,8 +337,3 @@ class AccelSettings:
     def replace(self, **changes: Any) -> AccelSettings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-    def fingerprint(self) -> str:
-        """A short hash of every field, used to check that all ranks agree."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]

@@ -43,22 +43,19 @@ from accel.atomic import write_text_atomic
 from accel.runtime.schedule import relative_gap
 from accel.settings import FAMILY_DEFAULTS
 from accel.testing.measure import psnr
-from accel.testing.quality.models import (
-    ADAPTER_FAMILY,
+from accel.testing.quality import (
     FAMILIES,
-    QualityModel,
-    classifier_record,
-    load_classifier,
-    load_quality_model,
-)
-from accel.testing.quality.sampling import (
     Generated,
+    QualityModel,
     SampleSet,
     classify,
     conditional_accuracy,
     generate,
+    load_classifier,
+    load_quality_model,
     requested_probability,
 )
+from accel.testing.quality.models import ADAPTER_FAMILY, classifier_record
 from accel.wrapper import find_denoiser, unwrap
 
 log = logging.getLogger(__name__)

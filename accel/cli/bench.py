@@ -88,6 +88,7 @@ def bench(
             output,
         )
         return
+    # Deferred (here and below): the suites import torch and diffusers; `accel --help` imports this module.
     from accel.bench.plots import plot_report
     from accel.bench.quality import FAMILIES, run_quality, write_report
 

@@ -1,4 +1,7 @@
-"""``accel doctor``: what this machine can run, and what to fix."""
+"""``accel doctor``: what this machine can run, and what to fix.
+
+torch and the compile backends are imported inside the checks: `accel --help` imports this module.
+"""
 
 from __future__ import annotations
 

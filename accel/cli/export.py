@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from accel.cli.common import DEVICE_KINDS, check_device, choices
-from accel.settings import Backend
+from accel.settings import PRECISIONS, Backend
+from accel.source import ModelSource
 
 #: What ``accel export`` can write: every backend but eager.
 EXPORT_CHOICES = tuple(b for b in get_args(Backend) if b != "eager")
@@ -41,8 +42,6 @@ def export(
     from accel.compile.engines import StageJob, export_plan
     from accel.compile.store import EngineError
     from accel.plan import PlanError, load_plan
-    from accel.settings import PRECISIONS
-    from accel.source import ModelSource
     from accel.targets import load_components
 
     console = Console(stderr=True)

@@ -16,6 +16,7 @@ from accel.cli.common import plan_table
 
 def _environment() -> dict[str, Any]:
     """What an engine must have been built for to load here (device type, compute capability, versions)."""
+    # Deferred here and below: torch, diffusers and accel.compile load slowly, and `accel --help` imports this.
     import diffusers
     import torch
 
@@ -166,7 +167,6 @@ def inspect(
     Exits 1 when the plan fails validation, or when the engine manifest is unreadable or a file is
     missing, truncated or edited.
     """
-    # Deferred: these import torch, which `accel --help` must not wait for.
     from accel.compile.store import MANIFEST
     from accel.plan import PlanError, load_plan
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import get_args
 
 import typer
 from rich.console import Console
 
 from accel.cli.common import DEVICE_KINDS, check_device, choices, plan_table
-from accel.settings import Precision
-from accel.source import ARCHS, DEMOS
+from accel.settings import PRECISIONS, Precision
+from accel.source import ARCHS, DEMOS, ModelSource, SourceError
 
 #: ``--layout`` choices: ``auto`` picks the cheaper of the partition layouts.
 LAYOUTS = ("auto", "chain", "onion")
@@ -53,8 +52,6 @@ def plan(
     from accel.models import UnsupportedModelError
     from accel.partition import PartitionError
     from accel.plan import PlanError, build_plan
-    from accel.settings import PRECISIONS
-    from accel.source import ModelSource, SourceError
     from accel.targets import load_denoiser
 
     try:
@@ -65,8 +62,8 @@ def plan(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(device)
     dtype = dtype or ("fp16" if device == "cuda" else "fp32")
-    if dtype not in get_args(Precision):
-        raise typer.BadParameter(f"--dtype {dtype!r} is not one of {', '.join(get_args(Precision))}.")
+    if dtype not in PRECISIONS:
+        raise typer.BadParameter(f"--dtype {dtype!r} is not one of {', '.join(PRECISIONS)}.")
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"--layout {layout!r} is not {choices(LAYOUTS)}.")
     if link_gbps is not None and not link_gbps > 0:

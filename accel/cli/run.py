@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.table import Table
 
 from accel.cli.common import choices, fail
 from accel.errors import AccelError
+from accel.launch import LaunchError, launch_function, launch_script
 from accel.request import DEFAULT_PROMPT, SCHEDULE_NAMES, GenerationRequest, RequestError
 from accel.settings import AcceleratorKind, Backend, Precision, Strategy, WindowGuidance
 from accel.source import DEMOS
@@ -34,10 +37,6 @@ devices=2)` inside it joins the group; arguments after `--` go to the script.
 
 def _log_to(console: Console) -> None:
     """Send accel's and the elastic launcher's records to the console (the CLI owns this process)."""
-    import logging
-
-    from rich.logging import RichHandler
-
     logging.getLogger("accel").setLevel(logging.INFO)
     logging.getLogger("accel.launch").setLevel(logging.DEBUG)  # includes the elastic launcher's records
     logging.getLogger("accel").addHandler(RichHandler(console=console, show_path=False))
@@ -169,8 +168,6 @@ def run(
 
 
 def _run_script(console: Console, script: Path, spec: Any, args: list[str], as_json: bool) -> None:
-    from accel.launch import LaunchError, launch_script
-
     try:
         launch_script(spec, script, args)
     except LaunchError as exc:
@@ -180,8 +177,7 @@ def _run_script(console: Console, script: Path, spec: Any, args: list[str], as_j
 
 
 def _run_generation(console: Console, label: str, job: Any, spec: Any, as_json: bool) -> None:
-    from accel.generation import generate
-    from accel.launch import LaunchError, launch_function
+    from accel.generation import generate  # deferred: imports torch and diffusers
 
     if not as_json:
         console.print(
