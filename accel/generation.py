@@ -101,9 +101,13 @@ def _step_progress(enabled: bool, total_images: int, steps: int) -> Iterator[Cal
 def generate(job: GenerationJob) -> dict[str, Any]:
     """The worker: join the process group, generate every batch, save the images on rank 0.
 
-    Returns ``{"rank", "images", "calls", "seconds"}``; ``images`` is empty on ranks other than 0. Every
-    rank computes every image (the pipeline's output is complete on each rank); only rank 0 writes.
+    Returns ``{"rank", "images", "calls", "seconds", "startup"}``; ``images`` is empty on ranks other than
+    0. Every rank computes every image (the pipeline's output is complete on each rank); only rank 0 writes.
+    ``startup`` holds wall-clock times (``time.time()``) of the worker's start-up milestones: ``worker``
+    (this function entered), ``loaded`` (pipeline loaded), ``wrapped``, ``first_call`` (the first pipeline
+    call returned) and ``first_saved`` (its images written), so a caller can split its own start-up time.
     """
+    worker_started = time.time()
     import lightning  # noqa: F401  (its import sets its loggers to INFO; quieted below, after it)
 
     # A fresh process: its log format is this worker's to choose, with the rank on every line.
@@ -115,7 +119,7 @@ def generate(job: GenerationJob) -> dict[str, Any]:
     acc = Accelerator(settings=AccelSettings(**job.settings))
     acc.launch()
     try:
-        result = _generate(acc, job)
+        result = _generate(acc, job, {"worker": worker_started})
     except BaseException as exc:
         acc.report_failure(exc)  # peers on other nodes stop now instead of at the collective timeout
         raise
@@ -123,16 +127,18 @@ def generate(job: GenerationJob) -> dict[str, Any]:
     return result
 
 
-def _generate(acc: Accelerator, job: GenerationJob) -> dict[str, Any]:
+def _generate(acc: Accelerator, job: GenerationJob, startup: dict[str, float]) -> dict[str, Any]:
     device = acc.device
     dtype = acc.settings.dtype
     if dtype is None and job.source.kind == "arch":
         # Full-size random-weight models: fp16 on GPUs, as `accel plan --arch` profiles them.
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = load_pipeline(job.source, dtype=dtype, device=device if job.source.kind == "arch" else "cpu")
+    startup["loaded"] = time.time()
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # accel's own bar replaces diffusers' per-rank bars
     wrapped = acc.wrap(pipe)
+    startup["wrapped"] = time.time()
     takes_callback = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
     paths = output_paths(job.output, len(job.prompts))
     written: list[str] = []
@@ -148,12 +154,14 @@ def _generate(acc: Accelerator, job: GenerationJob) -> dict[str, Any]:
                 if progress is not None:
                     call["callback_on_step_end"] = progress(len(prompts))
                 images = wrapped(**call).images
+                startup.setdefault("first_call", time.time())
                 calls.append({**asdict(wrapped.last_report), "images": len(prompts)})
                 if acc.rank == 0:
                     for offset, image in enumerate(images):
                         path = paths[start + offset]
                         _save(image, path)
                         written.append(str(path))
+                startup.setdefault("first_saved", time.time())
     finally:
         unwrap(wrapped)
     return {
@@ -161,6 +169,7 @@ def _generate(acc: Accelerator, job: GenerationJob) -> dict[str, Any]:
         "images": written,
         "calls": calls,
         "seconds": time.perf_counter() - started,
+        "startup": startup,
     }
 
 

@@ -78,7 +78,8 @@ class CallReport:
     (boundary tensors, hand-over and prediction; also counted in ``bytes_sent``), ``rates`` the branch gap
     ``r_i`` per step (NaN for pipelined steps), ``plan_seconds`` spent planning at a new shape.
     ``compiled_stages``/``loaded_stages``/``eager_stages``: stage callables compiled in memory, loaded
-    from the engine directory, or left eager after a failure, since wrapping (compiled backends only).
+    from the engine directory, or left eager after a failure, since wrapping (compiled backends only);
+    ``stage_seconds`` the time spent compiling or loading them, since wrapping.
     """
 
     rank: int
@@ -100,6 +101,7 @@ class CallReport:
     compiled_stages: int = 0
     loaded_stages: int = 0
     eager_stages: int = 0
+    stage_seconds: float = 0.0
 
 
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
@@ -220,7 +222,10 @@ class AcceleratedPipeline:
         if runner is not None:
             counts = runner.counts
             extra.update(
-                compiled_stages=counts.compiled, loaded_stages=counts.loaded, eager_stages=counts.fallbacks
+                compiled_stages=counts.compiled,
+                loaded_stages=counts.loaded,
+                eager_stages=counts.fallbacks,
+                stage_seconds=counts.seconds,
             )
         report = CallReport(
             rank=acc.rank,

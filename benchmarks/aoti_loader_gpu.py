@@ -1,11 +1,12 @@
 """Can this torch build load AOTInductor packages? A three-layer MLP, exported with and without its
-weights, loaded in child processes (a crash there is reported, not fatal).
+weights, loaded in child processes (a crash there is reported, not fatal), each once as a plain process
+and once after :func:`accel.compile.cxxruntime.share_libstdcxx` (what accel's ``aot`` backend does).
 
     python benchmarks/aoti_loader_gpu.py [--device cuda|cpu]
 
-The same cases, run by hand on our GPU host (torch 2.11.0+cu130, 2 x H200, 2026-11-26), crashed with
-SIGSEGV inside the loader every time; this script has run on the CPU only so far. accel's `aot` backend
-makes the same check before its first CUDA load (``AOTBackend.check_loader``).
+On torch 2.11.0+cu130 (our H200 host) the plain loads crash with SIGSEGV (docs/engines.md says why);
+accel's ``aot`` backend shares the C++ runtime first and checks the loader in a child process before its
+first CUDA load (``AOTBackend.check_loader``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 import torch._inductor
 
+from accel.compile.cxxruntime import share_libstdcxx
+
 
 def _mlp(device: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """The model and its input, identical in the exporting and the loading process (seeded)."""
@@ -29,8 +32,10 @@ def _mlp(device: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model.to(device, dtype).eval(), torch.randn(8, 256, device=device, dtype=dtype)
 
 
-def _load(path: str, device: str, weights: bool) -> None:
+def _load(path: str, device: str, weights: bool, share: bool) -> None:
     """Child process: load the package, bind the weights if it holds none, print the max abs error."""
+    if share:
+        share_libstdcxx()
     runner = torch._inductor.aoti_load_package(path, **({"device_index": 0} if device == "cuda" else {}))
     model, x = _mlp(device)
     if not weights:
@@ -44,10 +49,10 @@ def _load(path: str, device: str, weights: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--load", nargs=2, metavar=("PACKAGE", "WEIGHTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--load", nargs=3, metavar=("PACKAGE", "WEIGHTS", "SHARE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
-        _load(args.load[0], args.device, args.load[1] == "1")
+        _load(args.load[0], args.device, args.load[1] == "1", args.load[2] == "1")
         return
     model, x = _mlp(args.device)
     program = torch.export.export(model, (x,), strict=False)
@@ -61,23 +66,21 @@ def main() -> None:
                 program, package_path=str(path), inductor_configs=configs
             )
             exported = time.perf_counter() - start
-            child = [
-                sys.executable,
-                __file__,
-                "--device",
-                args.device,
-                "--load",
-                str(path),
-                str(int(weights)),
-            ]
-            proc = subprocess.run(child, capture_output=True, text=True, check=False)
-            if proc.returncode == 0:
-                outcome = f"loaded, max abs diff {proc.stdout.strip().splitlines()[-1]}"
-            elif proc.returncode < 0:
-                outcome = f"load crashed (signal {-proc.returncode})"
-            else:
-                outcome = f"load failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-            print(f"{'with' if weights else 'without'} weights: export {exported:.1f} s, {outcome}")
+            for share in (False, True):
+                child = [sys.executable, __file__, "--device", args.device, "--load", str(path)]
+                proc = subprocess.run(
+                    [*child, str(int(weights)), str(int(share))], capture_output=True, text=True, check=False
+                )
+                if proc.returncode == 0:
+                    outcome = f"loaded, max abs diff {proc.stdout.strip().splitlines()[-1]}"
+                elif proc.returncode < 0:
+                    outcome = f"load crashed (signal {-proc.returncode})"
+                else:
+                    outcome = f"load failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+                how = "shared C++ runtime" if share else "plain process"
+                print(
+                    f"{'with' if weights else 'without'} weights, {how}: export {exported:.1f} s, {outcome}"
+                )
 
 
 if __name__ == "__main__":

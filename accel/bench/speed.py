@@ -395,11 +395,7 @@ def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None
         "engines": s.engines,
         "plan": s.plan,
         "environment": environment(),
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "accel": __version__,
-        },
+        "versions": versions(),
         "date": time.strftime("%Y-%m-%d"),
         "configs": configs,
         "ratios": ratios,
@@ -420,6 +416,11 @@ def _ratios(configs: dict[str, Any]) -> dict[str, dict[str, float]]:
                 key = f"{metric}_median_s"
                 out.setdefault(name, {})[f"{metric}_vs_{base}"] = configs[base][key] / entry[key]
     return out
+
+
+def versions() -> dict[str, str]:
+    """torch, diffusers and accel versions for the report."""
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "accel": __version__}
 
 
 def environment() -> dict[str, Any]:

@@ -210,6 +210,7 @@ def _summary(label: str, job: Any, spec: Any, results: dict[int, Any]) -> dict[s
         "seconds": first["seconds"],
         "images": [path for rank in sorted(results) for path in results[rank]["images"]],
         "calls": first["calls"],
+        "startup": first.get("startup", {}),
     }
 
 

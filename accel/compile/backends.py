@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from accel.atomic import atomic_path, write_text_atomic
+from accel.compile.cxxruntime import share_libstdcxx
 from accel.errors import AccelError
 
 logger = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ class AOTBackend(Backend):
 
     #: Child-process check of torch's package loader before the first CUDA load (see ``check_loader``).
     LOADER_CHECK = (
-        "import sys, torch._inductor; i = int(sys.argv[2]); "
+        "import sys, torch._inductor; from accel.compile.cxxruntime import share_libstdcxx; "
+        "share_libstdcxx(); i = int(sys.argv[2]); "
         "torch._inductor.aoti_load_package(sys.argv[1], **({'device_index': i} if i >= 0 else {}))"
     )
 
@@ -296,14 +298,19 @@ class AOTBackend(Backend):
 
         if module is None:
             raise BackendError(f"{path}: an aot package holds no weights; load it with module=<the stage>")
+        share_libstdcxx()  # before the package's own library is opened (see accel.compile.cxxruntime)
         device = next((p.device for p in module.parameters()), None)
         if device is not None and device.type == "cuda":
             # The package names the device it was compiled on; load it onto this rank's device instead.
             index = device.index if device.index is not None else torch.cuda.current_device()
             self.check_loader(path, index)
-            runner = torch._inductor.aoti_load_package(str(path), device_index=index)
+            # The single-threaded runner: the default one's model pool synchronises between threads,
+            # which a stream under CUDA-graph capture does not permit; accel calls a stage from one thread.
+            runner = torch._inductor.aoti_load_package(
+                str(path), run_single_threaded=True, device_index=index
+            )
         else:
-            runner = torch._inductor.aoti_load_package(str(path))
+            runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
         return _BoundPackage(runner, _module_constants(module, runner.get_constant_fqns(), path))
 
 

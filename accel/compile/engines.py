@@ -3,11 +3,13 @@
 For every shape bucket ``(height, width, batch)`` of a plan there is one whole-denoiser stage for the CFG
 phase (key ``cfg.full.<H>x<W>.b<B>``) and, for a plan with more than one device, one stage per unit
 segment of each device's window stage (key ``window.s<k>.u<lo>-<hi>.<H>x<W>.b<B>``). ``batch`` is the
-per-branch batch the plan was profiled with (one guidance branch per device in the CFG phase).
+per-branch batch the plan was profiled with (one guidance branch per device in the CFG phase); a
+one-device plan's CFG stage runs both branches in one call, so its key and shape hold ``2 * batch``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +64,13 @@ def stage_jobs(plan: Any, model: torch.nn.Module) -> Iterator[StageJob]:
     adapter = adapt(model)
     text_len = plan.profile.get("text_len")
     vae_scale_factor = int(plan.profile.get("vae_scale_factor", 8))
+    # One device runs both guidance branches in one call, so its whole-denoiser stage sees the unsplit
+    # 2B batch; with two or more devices each CFG call holds one branch.
+    branches = 2 if plan.devices < 2 else 1
     for height, width in plan.resolutions:
         for batch in plan.batches:
-            args, kwargs = adapter.example_inputs(
-                batch=batch,
+            inputs_at = functools.partial(
+                adapter.example_inputs,
                 height=height,
                 width=width,
                 dtype=dtype,
@@ -73,10 +78,12 @@ def stage_jobs(plan: Any, model: torch.nn.Module) -> Iterator[StageJob]:
                 text_len=text_len,
                 vae_scale_factor=vae_scale_factor,
             )
+            args, kwargs = inputs_at(batch=branches * batch)
             module, inputs = build_stage(adapter, 0, len(adapter.units), args, kwargs, whole=True)
-            yield StageJob(cfg_key(height, width, batch), "cfg", module, inputs)
+            yield StageJob(cfg_key(height, width, branches * batch), "cfg", module, inputs)
             if plan.devices < 2:
                 continue
+            args, kwargs = inputs_at(batch=batch)
             for k, stage in enumerate(plan.stages):
                 for lo, hi in stage.segments:
                     module, inputs = build_stage(adapter, lo, hi, args, kwargs)

@@ -14,6 +14,7 @@ that a run from an engine directory compiled nothing.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,11 +89,13 @@ class CUDAGraphCallable:
 
 @dataclass
 class RunnerCounts:
-    """What a :class:`StageRunner` did: stages compiled in memory, loaded from engines, run eagerly."""
+    """What a :class:`StageRunner` did: stages compiled in memory, loaded from engines, run eagerly, and
+    the seconds spent compiling or loading them."""
 
     compiled: int = 0
     loaded: int = 0
     fallbacks: int = 0
+    seconds: float = 0.0
 
 
 class StageRunner:
@@ -139,6 +142,7 @@ class StageRunner:
         fn = self._callables.get(memo)
         if fn is not None:
             return fn
+        started = time.perf_counter()
         fn = self._load(key, module, example_inputs) if from_engines else None
         how = "loaded"
         if fn is None:
@@ -155,6 +159,7 @@ class StageRunner:
         if self.cuda_graphs and on_cuda and how != "eager" and self.backend.name in GRAPH_BACKENDS:
             fn = CUDAGraphCallable(fn, key)
         self._callables[memo] = fn
+        self.counts.seconds += time.perf_counter() - started
         log.info("stage %s: %s (backend %s)", key, how, self.backend.name)
         return fn
 
