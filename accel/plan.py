@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from accel.atomic import write_text_atomic
-from accel.models.base import TensorEdge, dtype_name, parameter_placement
+from accel.models.base import InputShape, TensorEdge, dtype_name, parameter_placement
 from accel.partition import (
     DEFAULT_LINK_GBPS,
     LAYOUTS,
@@ -317,6 +317,22 @@ class Plan:
             f"--batch {batch or self.batches[0]} --dtype {dtype or self.dtype} --device {self.device_type} -o plan.json"
         )
 
+    def shapes(self, device: torch.device | str, dtype: torch.dtype | None = None) -> list[InputShape]:
+        """Every shape bucket of the plan (resolution x batch) on ``device``, in ``dtype`` (default: the plan's)."""
+        return [
+            InputShape(
+                batch=batch,
+                height=height,
+                width=width,
+                dtype=PRECISIONS[self.dtype] if dtype is None else dtype,
+                device=torch.device(device),
+                text_len=self.profile.get("text_len"),
+                vae_scale_factor=int(self.profile.get("vae_scale_factor", 8)),
+            )
+            for height, width in self.resolutions
+            for batch in self.batches
+        ]
+
     # -- checks ---------------------------------------------------------------------------------
     def validate_for(
         self,
@@ -494,8 +510,7 @@ def build_plan(
     precision = precision_name(dtype)
     adapter = adapt(model)
     check_stage_count(len(adapter.units), devices)  # before profiling, which takes a while
-    measured = profile_units(
-        adapter,
+    shape = InputShape(
         batch=batch,
         height=height,
         width=width,
@@ -503,10 +518,8 @@ def build_plan(
         device=device,
         text_len=text_len,
         vae_scale_factor=vae_scale_factor,
-        warmup=warmup,
-        repeat=repeat,
-        count_flops=count_flops,
     )
+    measured = profile_units(adapter, shape, warmup=warmup, repeat=repeat, count_flops=count_flops)
     link = DEFAULT_LINK_GBPS if link_gbps is None else link_gbps
     cut = partition(measured.costs, devices, measured.edges, adapter.family, link, layout)
     units = [

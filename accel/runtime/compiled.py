@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from accel.compile.engines import cfg_key, decoder_key
+from accel.compile.engines import decoder_key, engine_stages
 from accel.compile.runner import StageRunner
 from accel.compile.stage import DecoderStage, StageError, StageModule, build_stage
-from accel.models import DenoiserAdapter, adapt
+from accel.models import DenoiserAdapter, InputShape, adapt
 from accel.runtime.guidance import _map_output
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,13 @@ class CompiledDenoiserHook(ModelHook):
             sample = kwargs.get("sample", kwargs.get("hidden_states"))
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
             return self._eager(forward, args, kwargs, "the first input is not a 4-d latent")
-        scale = self.vae_scale_factor
-        key = cfg_key(sample.shape[-2] * scale, sample.shape[-1] * scale, sample.shape[0])
+        shape = InputShape.of_latents(sample, self.vae_scale_factor)
+        [whole] = engine_stages((), len(self.adapter.units), shape)
+        key = whole.key
         memo = (key, tensor_signature(args), tensor_signature(kwargs))
         entry = self._stages.get(memo)
         if entry is None:
-            stage, inputs = build_stage(self.adapter, 0, len(self.adapter.units), args, kwargs, whole=True)
+            stage, inputs = build_stage(self.adapter, whole.lo, whole.hi, args, kwargs, whole=True)
             fn = self.runner.get(key, stage, inputs, cache_key=memo)
             # One eager call gives the output structure (tuple or output class) to return later.
             template = forward(*args, **kwargs)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from accel.models import DenoiserAdapter, SegmentState, TensorEdge
+from accel.models import DenoiserAdapter, InputShape, SegmentState, TensorEdge
 from accel.partition import stage_owners
 from accel.runtime.schedule import ResolvedSchedule, clamp_window, taus
 
@@ -92,29 +92,26 @@ def compile_segments(
     stages: Sequence[Sequence[Segment]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    *,
-    batch: int,
-    vae_scale_factor: int,
+    shape: InputShape,
 ) -> dict[Segment, CompiledSegment]:
     """Compiled callables for every unit segment of every stage, under the engine keys ``accel export``
-    writes (``window.s<k>.u<lo>-<hi>.<H>x<W>.b<batch>``); ``args``/``kwargs`` are one branch's inputs.
+    writes (:func:`accel.compile.engines.engine_stages` at ``shape``); ``args``/``kwargs`` are one
+    branch's inputs.
 
     Every segment, not only this rank's: the step that captures the window's starting activations runs
     them all in unit order, and is then as fast as a compiled whole-denoiser step.
     """
-    from accel.compile.engines import window_key
+    from accel.compile.engines import engine_stages
     from accel.compile.stage import build_stage
 
-    sample = tensors_of(args, kwargs)[0]
-    height, width = sample.shape[-2] * vae_scale_factor, sample.shape[-1] * vae_scale_factor
     compiled: dict[Segment, CompiledSegment] = {}
-    for k, segments in enumerate(stages):
-        for lo, hi in segments:
-            key = window_key(k, lo, hi, height, width, batch)
-            with torch.no_grad():
-                module, inputs = build_stage(adapter, lo, hi, args, kwargs)
-            fn = runner.get(key, module, inputs, cache_key=(key, shape_key(args, kwargs)))
-            compiled[(lo, hi)] = (module, fn)
+    for entry in engine_stages(stages, len(adapter.units), shape):
+        if entry.phase != "window":
+            continue
+        with torch.no_grad():
+            module, inputs = build_stage(adapter, entry.lo, entry.hi, args, kwargs)
+        fn = runner.get(entry.key, module, inputs, cache_key=(entry.key, shape_key(args, kwargs)))
+        compiled[(entry.lo, entry.hi)] = (module, fn)
     return compiled
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar
 import torch
 from typing_extensions import NotRequired
 
-from accel.models import DenoiserAdapter, TensorEdge, adapt
+from accel.models import DenoiserAdapter, InputShape, TensorEdge, adapt
 from accel.runtime.comm import Communicator
 from accel.runtime.guidance import CFGSplitHook, slice_batch
 from accel.runtime.schedule import LaggedRates, ResolvedSchedule, ScheduleSettings, earliest_start
@@ -234,16 +234,9 @@ class WindowHook(CFGSplitHook, Generic[E]):
             device = tensors_of(b_args, b_kwargs)[0].device
             executor = self._make_executor(adapter, stages, edges, device)
             if self.runner is not None:
+                shape = InputShape.of_latents(tensors_of(b_args, b_kwargs)[0], self.vae_scale_factor)
                 executor.compiled.update(
-                    compile_segments(
-                        self.runner,
-                        adapter,
-                        executor.segments,
-                        b_args,
-                        b_kwargs,
-                        batch=rows,
-                        vae_scale_factor=self.vae_scale_factor,
-                    )
+                    compile_segments(self.runner, adapter, executor.segments, b_args, b_kwargs, shape)
                 )
             cached = self._executors[key] = (plan, executor)
             self.stats.planned_s = time.perf_counter() - start
