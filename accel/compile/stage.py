@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from accel.models.base import CARRY_PREFIX, SKIP_PREFIX, DenoiserAdapter, SegmentState, dtype_name
+from accel.tree import map_tree
 
 CONTEXT_PREFIX = "context."
 FORWARD_PREFIX = "forward."
@@ -55,15 +56,14 @@ class TensorSpec:
 # -- flattening nested arguments (dicts, lists, tuples) into named tensors and constants -------------------
 def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor inside ``value`` by a placeholder naming it; collect the tensors by name."""
-    if isinstance(value, torch.Tensor):
-        tensors[prefix] = value
-        return _Slot(prefix)
-    if isinstance(value, Mapping):
-        return {k: _flatten(v, f"{prefix}.{k}", tensors) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        items = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    return value
+
+    def slot(path: str, leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        tensors[path] = leaf
+        return _Slot(path)
+
+    return map_tree(value, slot, prefix)
 
 
 def _fill(template: Any, tensors: Mapping[str, torch.Tensor]) -> Any:

@@ -25,6 +25,7 @@ from accel.compile.runner import StageRunner
 from accel.compile.stage import DecoderStage, StageError, StageModule, build_stage
 from accel.models import DenoiserAdapter, InputShape, adapt
 from accel.runtime.guidance import _map_output
+from accel.tree import leaves
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +34,17 @@ DECODER_HOOK = "accel.compiled_decoder"
 
 
 def tensor_signature(tree: Any) -> tuple[Any, ...]:
-    """Shapes and dtypes of every tensor in ``tree`` (nested dicts/lists/tuples), in order."""
-    out: list[Any] = []
+    """Paths with the shapes and dtypes of every tensor in ``tree`` (nested dicts/lists/tuples), and the
+    values (or type names) of the other leaves, in order."""
 
-    def walk(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            out.append((tuple(value.shape), value.dtype))
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                out.append(k)
-                walk(v)
-        elif isinstance(value, list | tuple):
-            for v in value:
-                walk(v)
-        elif value is None or isinstance(value, bool | int | float | str):
-            out.append(value)
-        else:
-            out.append(type(value).__name__)
+    def signature(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            return (tuple(leaf.shape), leaf.dtype)
+        if leaf is None or isinstance(leaf, bool | int | float | str):
+            return leaf
+        return type(leaf).__name__
 
-    walk(tree)
-    return tuple(out)
+    return tuple((path, signature(leaf)) for path, leaf in leaves(tree))
 
 
 class CompiledDenoiserHook(ModelHook):

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
-from diffusers.utils import BaseOutput
 
 from accel.runtime.comm import Communicator
 from accel.runtime.sequence import SequenceParallel
+from accel.tree import map_tree
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +75,17 @@ def slice_batch(tree: Any, batch: int, rows: slice) -> Any:
 
     Tensors of another leading size (a scalar timestep, a shared mask) pass through unchanged.
     """
-    if isinstance(tree, torch.Tensor):
-        return tree[rows] if tree.dim() > 0 and tree.shape[0] == batch else tree
-    if isinstance(tree, BaseOutput):
-        return tree
-    if isinstance(tree, dict):
-        return type(tree)((k, slice_batch(v, batch, rows)) for k, v in tree.items())
-    if isinstance(tree, (list, tuple)):
-        items = [slice_batch(v, batch, rows) for v in tree]
-        return type(tree)(items) if not hasattr(tree, "_fields") else type(tree)(*items)
-    return tree
+
+    def cut(_path: str, leaf: Any) -> Any:
+        batched = isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch
+        return leaf[rows] if batched else leaf
+
+    return map_tree(tree, cut)
 
 
 def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    if isinstance(output, BaseOutput):
-        return type(output)(**{k: _map_output(v, fn) for k, v in output.items()})
-    if isinstance(output, (list, tuple)):
-        return type(output)(_map_output(v, fn) for v in output)
-    return output
+    """A denoiser output (tensor, tuple or diffusers output) with every tensor replaced by ``fn(tensor)``."""
+    return map_tree(output, lambda _path, leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf)
 
 
 def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from accel.models import DenoiserAdapter, InputShape, SegmentState, TensorEdge
 from accel.partition import stage_owners
 from accel.runtime.schedule import ResolvedSchedule, clamp_window, taus
+from accel.tree import leaves
 
 if TYPE_CHECKING:
     from accel.compile.runner import StageRunner
@@ -312,34 +313,15 @@ def decide_window(
 
 def first_tensor(output: Any) -> torch.Tensor:
     """The first tensor of a denoiser output (a tensor, a tuple or a diffusers output): the prediction."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple | list):
-        return first_tensor(output[0])
-    values = output.values() if hasattr(output, "values") else ()
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value
+    for _, leaf in leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
     raise TypeError(f"no tensor in the denoiser output {type(output).__name__}.")
 
 
 def tensors_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """Every tensor in a call's arguments (nested dicts, lists and tuples), in order."""
-    out: list[torch.Tensor] = []
-
-    def walk(tree: Any) -> None:
-        if isinstance(tree, torch.Tensor):
-            out.append(tree)
-        elif isinstance(tree, dict):
-            for v in tree.values():
-                walk(v)
-        elif isinstance(tree, list | tuple):
-            for v in tree:
-                walk(v)
-
-    walk(args)
-    walk(kwargs)
-    return out
+    return [leaf for _, leaf in leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
 
 
 def shape_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
