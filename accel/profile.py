@@ -146,7 +146,7 @@ def profile_units(
     """Measure every unit of ``adapter`` at ``shape`` (``batch`` x ``height`` x ``width`` pixels).
 
     The model must already be on ``shape.device`` in ``shape.dtype``. ``inputs`` replaces the dummy forward
-    inputs (``adapter.inputs_at(shape)``) for denoisers whose conditioning those cannot build.
+    inputs (``adapter.example_inputs(shape)``) for denoisers whose conditioning those cannot build.
     """
     device, dtype = shape.device, shape.dtype
     if device.type == "cuda" and device.index is None:
@@ -162,7 +162,7 @@ def profile_units(
             f"move it first: model.to(device={str(device)!r}, dtype={dtype})."
         )
     with torch.inference_mode():
-        args, kwargs = inputs or adapter.inputs_at(dataclasses.replace(shape, device=device))
+        args, kwargs = inputs or adapter.example_inputs(dataclasses.replace(shape, device=device))
         edges = adapter.trace(*args, **kwargs)
         unit_ms, prepare_ms = _timed_passes(adapter, args, kwargs, device, warmup, repeat)
         flops = [0] * len(adapter.units)

@@ -136,7 +136,7 @@ def test_profile_units_measures_every_unit() -> None:
     assert all(u.ms > 0 for u in measured.units) and all(u.flops > 0 for u in measured.units)
     assert measured.total_ms == pytest.approx(sum(measured.costs)) and measured.prepare_ms > 0
     assert measured.timer == "perf_counter" and measured.dtype == "float32" and measured.text_len == 8
-    args, kwargs = adapter.example_inputs(**shape)
+    args, kwargs = adapter.example_inputs(InputShape(**shape))
     assert measured.edges == adapter.trace(*args, **kwargs)
     with pytest.raises(ValueError, match="move it first"):
         profile_units(adapter, InputShape(**{**shape, "dtype": torch.float16}))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from accel.compile.backends import Backend, StageCallable, get_backend
+from accel.compile.backends import Backend, get_backend
 from accel.compile.stage import DecoderStage, build_stage, decoder_dtype
 from accel.compile.store import EngineRecord, EngineStore
 from accel.models import adapt
@@ -96,7 +96,7 @@ def stage_jobs(plan: Any, model: torch.nn.Module) -> Iterator[StageJob]:
     adapter = adapt(model)
     segments = [stage.segments for stage in plan.stages]
     for shape in plan.shapes(device, dtype):
-        args, kwargs = adapter.inputs_at(shape)
+        args, kwargs = adapter.example_inputs(shape)
         for entry in engine_stages(segments, len(adapter.units), shape):
             module, inputs = build_stage(adapter, entry.lo, entry.hi, args, kwargs, whole=entry.whole)
             yield StageJob(entry.key, entry.phase, module, inputs)
@@ -149,15 +149,3 @@ def export_plan(
         if on_stage is not None:
             on_stage(job, "done")
     return records
-
-
-def load_plan_engines(
-    plan: Any, model: torch.nn.Module, backend: str | Backend, directory: Any, *, rebuild: bool = False
-) -> dict[str, tuple[torch.nn.Module, StageCallable]]:
-    """Every stage of ``plan`` as ``key -> (stage module, loaded callable)``, validated before loading."""
-    store = EngineStore(directory)
-    impl = get_backend(backend)
-    return {
-        job.key: (job.module, store.load(job.key, impl, job.module, job.example_inputs, rebuild=rebuild))
-        for job in stage_jobs(plan, model)
-    }

@@ -186,10 +186,6 @@ class StageModule(torch.nn.Module):
                 )
         return flat
 
-    def state_from_outputs(self, context: dict[str, Any], outputs: Sequence[torch.Tensor]) -> SegmentState:
-        """The state after unit ``end - 1`` from a window stage's outputs."""
-        return self._adapter.with_tensors(context, dict(zip(self.outputs, outputs, strict=True)), self.end)
-
     def run_state(self, fn: Any, state: SegmentState) -> SegmentState:
         """Run a compiled window stage ``fn`` on ``state`` (before ``start``); the state after ``end - 1``.
 

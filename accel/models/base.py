@@ -205,32 +205,10 @@ class DenoiserAdapter(ABC):
         return self._output_class()(sample=sample)
 
     @abstractmethod
-    def example_inputs(
-        self,
-        *,
-        batch: int,
-        height: int,
-        width: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        text_len: int | None = None,
-        vae_scale_factor: int = 8,
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Dummy ``(args, kwargs)`` for ``model.forward`` at a pixel resolution (for profiling)."""
+    def example_inputs(self, shape: InputShape) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Dummy ``(args, kwargs)`` for ``model.forward`` at ``shape`` (for profiling and export)."""
 
     # -- provided -------------------------------------------------------------------------------
-    def inputs_at(self, shape: InputShape) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Dummy ``(args, kwargs)`` for ``model.forward`` at ``shape`` (:meth:`example_inputs`)."""
-        return self.example_inputs(
-            batch=shape.batch,
-            height=shape.height,
-            width=shape.width,
-            dtype=shape.dtype,
-            device=shape.device,
-            text_len=shape.text_len,
-            vae_scale_factor=shape.vae_scale_factor,
-        )
-
     def __len__(self) -> int:
         return len(self.units)
 
