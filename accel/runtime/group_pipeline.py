@@ -65,18 +65,13 @@ class GroupPipelineHook(WindowHook[StageExecutor]):
 
     # -- the hook ----------------------------------------------------------------------------------
     def _guided_call(
-        self,
-        module: torch.nn.Module,
-        forward: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        batch: int,
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
     ) -> Any:
         step = self.state.calls
         phase = self._enter(step, module, args, kwargs, batch)
         if phase == "cfg":
             measured = len(self.state.rates)
-            output = self._split_forward(forward, args, kwargs, self._gap_meter())
+            output = self._split_forward(args, kwargs, self._gap_meter())
             if len(self.state.rates) == measured:  # nothing was gathered
                 self.state.rates.skip()
             self._record(step, "cfg", self._all_units(), [])

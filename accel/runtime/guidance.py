@@ -205,19 +205,22 @@ class CFGSplitHook(ModelHook):
         return None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self._split_forward(args, kwargs)
+
+    def _original_forward(self) -> Callable[..., Any]:
         forward = self.fn_ref.original_forward
         assert forward is not None, "the hook registry sets original_forward for hooks with new_forward"
-        return self._split_forward(forward, args, kwargs)
+        return forward
 
     def _split_forward(
         self,
-        forward: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         on_gathered: Callable[[torch.Tensor, torch.Tensor, BatchSplit], None] | None = None,
     ) -> Any:
         """This rank's part of the call, its output gathered; ``on_gathered(local, full, split)`` sees every
         tensor gathered, in output order (the first one is the prediction)."""
+        forward = self._original_forward()
         self.state.calls += 1
         batch = _batch_of(args, kwargs)
         if batch is None:

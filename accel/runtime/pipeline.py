@@ -204,12 +204,7 @@ class HybridHook(WindowHook[PairStageExecutor]):
 
     # -- the hook ----------------------------------------------------------------------------------
     def _guided_call(
-        self,
-        module: torch.nn.Module,
-        forward: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        batch: int,
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
     ) -> Any:
         step = self.state.calls
         self.state.calls += 1
@@ -217,7 +212,7 @@ class HybridHook(WindowHook[PairStageExecutor]):
         phase = self._enter(step, module, args, kwargs, batch)
         if phase == "pipeline":
             return self._pipelined(step, args, kwargs, batch)
-        return self._cfg_step(step, forward, args, kwargs, batch, split)
+        return self._cfg_step(step, self._original_forward(), args, kwargs, batch, split)
 
     def _make_executor(
         self,

@@ -201,20 +201,13 @@ class WindowHook(CFGSplitHook, Generic[E]):
 
     # -- every guided step -------------------------------------------------------------------------
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        forward = self.fn_ref.original_forward
-        assert forward is not None, "the hook registry sets original_forward for hooks with new_forward"
         batch = _batch_of(args, kwargs)
         if batch is None or batch % 2 or not self.guided():
-            return self._split_forward(forward, args, kwargs)  # not a 2-branch CFG call
-        return self._guided_call(module, forward, args, kwargs, batch)
+            return self._split_forward(args, kwargs)  # not a 2-branch CFG call
+        return self._guided_call(module, args, kwargs, batch)
 
     def _guided_call(
-        self,
-        module: torch.nn.Module,
-        forward: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        batch: int,
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
     ) -> Any:
         """A 2-branch CFG call of ``batch`` rows (one the window may take): a CFG step or a window step."""
         raise NotImplementedError
