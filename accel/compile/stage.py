@@ -67,15 +67,8 @@ def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _fill(template: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(template, _Slot):
-        return tensors[template.name]
-    if isinstance(template, dict):
-        return {k: _fill(v, tensors) for k, v in template.items()}
-    if isinstance(template, list):
-        return [_fill(v, tensors) for v in template]
-    if isinstance(template, tuple):
-        return tuple(_fill(v, tensors) for v in template)
-    return template
+    """``template`` with every placeholder replaced by its tensor from ``tensors``."""
+    return map_tree(template, lambda _path, leaf: tensors[leaf.name] if isinstance(leaf, _Slot) else leaf)
 
 
 @dataclass(frozen=True)
