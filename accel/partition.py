@@ -35,19 +35,22 @@ class PartitionError(AccelError, ValueError):
     """The partitioning problem is invalid (too few units, bad costs or bandwidth)."""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Stage:
-    """One device's share: unit segments ``[lo, hi)`` and what they cost per step.
+    """One device's share: unit segments ``[lo, hi)``, the modules they use and what they cost per step.
 
+    The partitioner makes stages; a plan records them (with ``module_paths`` and ``flops`` filled in).
     ``cost_ms`` is ``compute_ms + comm_ms``; ``comm_ms`` moves ``bytes_in + bytes_out`` over the link.
     """
 
     segments: list[tuple[int, int]]
+    module_paths: tuple[str, ...] = ()
     cost_ms: float
     compute_ms: float = 0.0
     comm_ms: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
+    flops: int = 0
 
     def units(self) -> list[int]:
         """The unit indices of this stage, in execution order."""
@@ -82,11 +85,7 @@ class Partition:
     def stage_of_units(self) -> list[int]:
         """For each unit index, the stage that runs it."""
         n_units = sum(hi - lo for s in self.stages for lo, hi in s.segments)
-        owner = [-1] * n_units
-        for k, stage in enumerate(self.stages):
-            for i in stage.units():
-                owner[i] = k
-        return owner
+        return stage_owners([s.segments for s in self.stages], n_units)
 
 
 def _ms_per_byte(link_gbps: float) -> float:
@@ -99,13 +98,18 @@ def _check(costs: Sequence[float], n: int) -> np.ndarray:
     array = np.asarray(costs, dtype=np.float64)
     if array.ndim != 1 or not np.all(np.isfinite(array)) or np.any(array < 0):
         raise PartitionError("costs must be a list of finite, non-negative unit costs (ms).")
+    check_stage_count(len(array), n)
+    return array
+
+
+def check_stage_count(n_units: int, n: int) -> None:
+    """Refuse (:class:`PartitionError`) ``n`` stages that ``n_units`` units cannot fill, one unit at least each."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PartitionError(f"the number of stages must be a positive integer, got {n!r}.")
-    if n > len(array):
+    if n > n_units:
         raise PartitionError(
-            f"cannot cut {len(array)} units into {n} non-empty stages; use at most {len(array)} devices."
+            f"cannot cut {n_units} units into {n} non-empty stages; use at most {n_units} devices."
         )
-    return array
 
 
 def _inner_edges(edges: Sequence[TensorEdge], n_units: int) -> list[TensorEdge]:

@@ -23,14 +23,22 @@ import torch
 
 from accel.atomic import write_text_atomic
 from accel.errors import AccelError
-from accel.models.base import TensorEdge, dtype_name, parameter_placement
+from accel.models.base import InputShape, TensorEdge, dtype_name, parameter_placement
+from accel.partition import (
+    DEFAULT_LINK_GBPS,
+    LAYOUTS,
+    PartitionError,
+    Stage,
+    check_stage_count,
+    partition,
+    stage_owners,
+)
 from accel.settings import PRECISIONS
 from accel.source import SOURCE_FIELDS, SOURCE_KINDS, ModelSource
 from accel.version import __version__
 
 SCHEMA_VERSION = 1
 FAMILIES = ("unet", "dit")
-LAYOUTS = ("chain", "onion")
 
 
 class PlanError(AccelError, ValueError):
@@ -117,24 +125,6 @@ class PlanUnit:
     flops: int = 0
 
 
-@dataclass(frozen=True)
-class PlanStage:
-    """One device's stage: unit segments ``[lo, hi)`` with the modules they use and what they cost."""
-
-    segments: tuple[tuple[int, int], ...]
-    module_paths: tuple[str, ...]
-    cost_ms: float
-    compute_ms: float
-    comm_ms: float = 0.0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    flops: int = 0
-
-    def units(self) -> list[int]:
-        """Unit indices in execution order."""
-        return [i for lo, hi in self.segments for i in range(lo, hi)]
-
-
 def _source(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping) or value.get("kind") not in SOURCE_KINDS:
         raise _fail("source", value, "a dict whose 'kind' is one of " + ", ".join(SOURCE_KINDS))
@@ -178,8 +168,8 @@ def _unit(value: Any, index: int) -> PlanUnit:
         raise PlanError(f"plan field 'units[{index}]' is malformed ({exc!r}).") from exc
 
 
-def _stage(value: Any, index: int) -> PlanStage:
-    if isinstance(value, PlanStage):
+def _stage(value: Any, index: int) -> Stage:
+    if isinstance(value, Stage):
         value = dataclasses.asdict(value)
     if not isinstance(value, Mapping):
         raise _fail(f"stages[{index}]", value, "an object")
@@ -190,8 +180,8 @@ def _stage(value: Any, index: int) -> PlanStage:
             if not isinstance(seg, Sequence) or isinstance(seg, str) or len(seg) != 2:
                 raise _fail(f"{what}.segments", value["segments"], "a list of [lo, hi] pairs")
             segments.append((_int(f"{what}.segments", seg[0]), _int(f"{what}.segments", seg[1])))
-        return PlanStage(
-            segments=tuple(segments),
+        return Stage(
+            segments=segments,
             module_paths=tuple(_str(f"{what}.module_paths", p) for p in value["module_paths"]),
             cost_ms=_float(f"{what}.cost_ms", value["cost_ms"]),
             compute_ms=_float(f"{what}.compute_ms", value["compute_ms"]),
@@ -243,7 +233,7 @@ class Plan:
     layout: str
     link_gbps: float
     units: tuple[PlanUnit, ...]
-    stages: tuple[PlanStage, ...]
+    stages: tuple[Stage, ...]
     boundary: tuple[TensorEdge, ...] = ()
     bytes_per_step: int = 0
     balance: float = 1.0
@@ -296,28 +286,15 @@ class Plan:
                 f"the plan has {len(self.stages)} stages but devices={self.devices}; the file is inconsistent "
                 "(edited by hand?). Re-run `accel plan ...`."
             )
-        owner = [-1] * len(self.units)
-        for k, stage in enumerate(self.stages):
-            for i in stage.units():
-                if not 0 <= i < len(self.units) or owner[i] != -1:
-                    raise PlanError(
-                        f"stage {k} claims unit {i}, which is outside the plan's {len(self.units)} units or "
-                        "already in another stage; the file is inconsistent. Re-run `accel plan ...`."
-                    )
-                owner[i] = k
-        if -1 in owner:
-            raise PlanError(
-                f"unit {owner.index(-1)} is in no stage; the file is inconsistent. Re-run `accel plan ...`."
-            )
+        try:
+            stage_owners([s.segments for s in self.stages], len(self.units))
+        except PartitionError as exc:
+            raise PlanError(f"{exc} The file is inconsistent; re-run `accel plan ...`.") from None
 
     # -- derived --------------------------------------------------------------------------------
     def stage_of_units(self) -> list[int]:
         """For each unit index, the stage that runs it."""
-        owner = [0] * len(self.units)
-        for k, stage in enumerate(self.stages):
-            for i in stage.units():
-                owner[i] = k
-        return owner
+        return stage_owners([s.segments for s in self.stages], len(self.units))
 
     def replan_command(
         self,
@@ -335,6 +312,22 @@ class Plan:
             f"accel plan {model} --height {height or h} --width {width or w} --devices {devices or self.devices} "
             f"--batch {batch or self.batches[0]} --dtype {dtype or self.dtype} --device {self.device_type} -o plan.json"
         )
+
+    def shapes(self, device: torch.device | str, dtype: torch.dtype | None = None) -> list[InputShape]:
+        """Every shape bucket of the plan (resolution x batch) on ``device``, in ``dtype`` (default: the plan's)."""
+        return [
+            InputShape(
+                batch=batch,
+                height=height,
+                width=width,
+                dtype=PRECISIONS[self.dtype] if dtype is None else dtype,
+                device=torch.device(device),
+                text_len=self.profile.get("text_len"),
+                vae_scale_factor=int(self.profile.get("vae_scale_factor", 8)),
+            )
+            for height, width in self.resolutions
+            for batch in self.batches
+        ]
 
     # -- checks ---------------------------------------------------------------------------------
     def validate_for(
@@ -503,7 +496,6 @@ def build_plan(
     pixels. ``source`` says how ``accel run`` gets the model back (see :class:`Plan`).
     """
     from accel.models import adapt
-    from accel.partition import DEFAULT_LINK_GBPS, PartitionError, partition
     from accel.profile import profile_units
 
     placement = parameter_placement(model)
@@ -512,13 +504,8 @@ def build_plan(
     device, dtype = placement
     precision = precision_name(dtype)
     adapter = adapt(model)
-    if devices > len(adapter.units):
-        raise PartitionError(
-            f"cannot cut {len(adapter.units)} units into {devices} non-empty stages; "
-            f"use at most {len(adapter.units)} devices."
-        )
-    measured = profile_units(
-        adapter,
+    check_stage_count(len(adapter.units), devices)  # before profiling, which takes a while
+    shape = InputShape(
         batch=batch,
         height=height,
         width=width,
@@ -526,10 +513,8 @@ def build_plan(
         device=device,
         text_len=text_len,
         vae_scale_factor=vae_scale_factor,
-        warmup=warmup,
-        repeat=repeat,
-        count_flops=count_flops,
     )
+    measured = profile_units(adapter, shape, warmup=warmup, repeat=repeat, count_flops=count_flops)
     link = DEFAULT_LINK_GBPS if link_gbps is None else link_gbps
     cut = partition(measured.costs, devices, measured.edges, adapter.family, link, layout)
     units = [
@@ -539,19 +524,9 @@ def build_plan(
     stages = []
     for stage in cut.stages:
         indices = stage.units()
-        paths = list(dict.fromkeys(p for i in indices for p in units[i].module_paths))
-        stages.append(
-            PlanStage(
-                segments=tuple(stage.segments),
-                module_paths=tuple(paths),
-                cost_ms=stage.cost_ms,
-                compute_ms=stage.compute_ms,
-                comm_ms=stage.comm_ms,
-                bytes_in=stage.bytes_in,
-                bytes_out=stage.bytes_out,
-                flops=sum(units[i].flops for i in indices),
-            )
-        )
+        paths = dict.fromkeys(p for i in indices for p in units[i].module_paths)
+        flops = sum(units[i].flops for i in indices)
+        stages.append(dataclasses.replace(stage, module_paths=tuple(paths), flops=flops))
     import diffusers
 
     return Plan(

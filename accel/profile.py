@@ -10,6 +10,7 @@ CPU each unit is timed with ``time.perf_counter``. FLOPs come from one more pass
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import platform
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from accel.models.base import DenoiserAdapter, TensorEdge, dtype_name, parameter_placement
+from accel.models.base import DenoiserAdapter, InputShape, TensorEdge, dtype_name, parameter_placement
 
 logger = logging.getLogger(__name__)
 
@@ -135,29 +136,25 @@ def _flops(fn: Callable[[], object]) -> int:
 
 def profile_units(
     adapter: DenoiserAdapter,
+    shape: InputShape,
     *,
-    batch: int,
-    height: int,
-    width: int,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    text_len: int | None = None,
-    vae_scale_factor: int = 8,
     warmup: int = 3,
     repeat: int = 10,
     count_flops: bool = True,
     inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
 ) -> Profile:
-    """Measure every unit of ``adapter`` at ``batch`` x ``height`` x ``width`` (pixels).
+    """Measure every unit of ``adapter`` at ``shape`` (``batch`` x ``height`` x ``width`` pixels).
 
-    The model must already be on ``device`` in ``dtype``. ``inputs`` replaces the dummy forward inputs
-    (``adapter.example_inputs``) for denoisers whose conditioning those cannot build.
+    The model must already be on ``shape.device`` in ``shape.dtype``. ``inputs`` replaces the dummy forward
+    inputs (``adapter.example_inputs(shape)``) for denoisers whose conditioning those cannot build.
     """
-    device = torch.device(device)
+    device, dtype = shape.device, shape.dtype
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if batch < 1 or warmup < 0 or repeat < 1:
-        raise ValueError(f"need batch >= 1, warmup >= 0 and repeat >= 1; got {batch}, {warmup}, {repeat}.")
+    if shape.batch < 1 or warmup < 0 or repeat < 1:
+        raise ValueError(
+            f"need batch >= 1, warmup >= 0 and repeat >= 1; got {shape.batch}, {warmup}, {repeat}."
+        )
     placement = parameter_placement(adapter.model)
     if placement is not None and (placement[0].type != device.type or placement[1] != dtype):
         raise ValueError(
@@ -165,15 +162,7 @@ def profile_units(
             f"move it first: model.to(device={str(device)!r}, dtype={dtype})."
         )
     with torch.inference_mode():
-        args, kwargs = inputs or adapter.example_inputs(
-            batch=batch,
-            height=height,
-            width=width,
-            dtype=dtype,
-            device=device,
-            text_len=text_len,
-            vae_scale_factor=vae_scale_factor,
-        )
+        args, kwargs = inputs or adapter.example_inputs(dataclasses.replace(shape, device=device))
         edges = adapter.trace(*args, **kwargs)
         unit_ms, prepare_ms = _timed_passes(adapter, args, kwargs, device, warmup, repeat)
         flops = [0] * len(adapter.units)
@@ -187,16 +176,16 @@ def profile_units(
     return Profile(
         units=units,
         edges=edges,
-        batch=batch,
-        height=height,
-        width=width,
+        batch=shape.batch,
+        height=shape.height,
+        width=shape.width,
         dtype=dtype_name(dtype),
         device=str(device),
         device_name=_device_name(device),
         timer="cuda-events" if device.type == "cuda" else "perf_counter",
         warmup=warmup,
         repeat=repeat,
-        text_len=text_len,
+        text_len=shape.text_len,
         prepare_ms=prepare_ms,
         extra={"torch": torch.__version__},
     )

@@ -22,7 +22,7 @@ from accel.compile.backends import (
 )
 from accel.compile.stage import build_stage
 from accel.compile.store import EngineStore
-from accel.models import adapt
+from accel.models import InputShape, adapt
 from accel.testing import build_pipeline
 
 
@@ -41,7 +41,7 @@ def sd3_stage() -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]
     model = build_pipeline("sd3").transformer.eval()
     adapter = adapt(model)
     args, kwargs = adapter.example_inputs(
-        batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16
+        InputShape(batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16)
     )
     stage, inputs = build_stage(adapter, 1, 4, args, kwargs)
     with torch.no_grad():
@@ -208,7 +208,7 @@ def test_aot_package_holds_no_weights_and_binds_the_modules_own(tmp_path) -> Non
     model = build_pipeline("sd3").transformer.eval()
     adapter = adapt(model)
     args, kwargs = adapter.example_inputs(
-        batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16
+        InputShape(batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16)
     )
     stage, inputs = build_stage(adapter, 1, 3, args, kwargs)
     backend = get_backend("aot")
@@ -299,7 +299,9 @@ def test_inductor_regional_compiles_repeated_blocks_in_place(monkeypatch: pytest
 
     model = build_pipeline("sdxl").unet.eval()
     adapter = adapt(model)
-    args, kwargs = adapter.example_inputs(batch=1, height=128, width=128, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=1, height=128, width=128, dtype=torch.float32, device="cpu")
+    )
     stage, inputs = build_stage(adapter, 0, len(adapter.units), args, kwargs, whole=True)
     compiled: list[str] = []
     monkeypatch.setattr(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from accel.compile.stage import StageError, build_stage, stage_fingerprint
-from accel.models import adapt
+from accel.models import InputShape, adapt
 from accel.testing import build_pipeline
 
 
@@ -26,7 +26,7 @@ def _setup(family: str):
     model = (pipe.unet if family == "sdxl" else pipe.transformer).eval()
     adapter = adapt(model)
     args, kwargs = adapter.example_inputs(
-        batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16
+        InputShape(batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16)
     )
     return model, adapter, args, kwargs
 
@@ -63,7 +63,7 @@ def test_stage_refuses_other_shape_and_fingerprint_ignores_weights() -> None:
     model, adapter, args, kwargs = _setup("sd3")
     stage, _ = build_stage(adapter, 1, 3, args, kwargs)
     args2, kwargs2 = adapter.example_inputs(
-        batch=2, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16
+        InputShape(batch=2, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16)
     )
     state = adapter.prepare(*args2, **kwargs2)
     adapter.run(state, 0, 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,8 @@ import pytest
 import torch
 
 import accel
-from accel.compile.engines import decoder_jobs, export_plan
-from accel.compile.store import EngineError, EngineStore
+from accel.compile.engines import export_plan
+from accel.compile.store import EngineError
 from accel.plan import build_plan
 from accel.testing import build_pipeline
 
@@ -40,7 +39,8 @@ def pipe_and_reference() -> tuple[Any, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory, pipe_and_reference: tuple[Any, torch.Tensor]) -> Path:
-    """AOT engines for one process (the CFG batch of 2 runs whole: key ``cfg.full.64x64.b2``)."""
+    """AOT engines of a one-device plan for one prompt: the CFG batch of 2 runs whole, so the exported
+    key is ``cfg.full.64x64.b2``, and the decoder sees one image."""
     pipe, _ = pipe_and_reference
     plan = build_plan(
         pipe.transformer,
@@ -48,18 +48,14 @@ def engines(tmp_path_factory: pytest.TempPathFactory, pipe_and_reference: tuple[
         height=HEIGHT,
         width=WIDTH,
         devices=1,
-        batch=2,
+        batch=1,
         warmup=0,
         repeat=1,
         count_flops=False,
     )
     directory = tmp_path_factory.mktemp("engines")
     with torch.no_grad():
-        records = export_plan(plan, pipe.transformer, "aot", directory)
-        # The decoder sees one image per prompt (the plan's batch of 2 is both CFG branches of one prompt).
-        store = EngineStore(directory)
-        for job in decoder_jobs(dataclasses.replace(plan, batches=[1]), pipe.vae, "cpu"):
-            records.append(store.export(job.key, "aot", job.module, job.example_inputs))
+        records = export_plan(plan, pipe.transformer, "aot", directory, vae=pipe.vae)
     assert [r.key for r in records] == [f"cfg.full.{HEIGHT}x{WIDTH}.b2", "vae.decoder.8x8.b1.float32"]
     return directory
 

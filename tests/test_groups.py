@@ -276,7 +276,7 @@ def _run_group_pipeline(
     steps: list[torch.Tensor] = []
     images = _generate(pipe, PIPELINE_CALL, steps)
     stats = hook.end_call()
-    executor = hook._executor
+    executor = hook.state.executor
     assert executor is not None and hook.plan is not None
     registry.remove_hook(HOOK_NAME, recurse=False)
     return {

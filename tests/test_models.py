@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
-from accel.models import SD3Adapter, UNetAdapter, UnsupportedModelError, adapt
+from accel.models import InputShape, SD3Adapter, UNetAdapter, UnsupportedModelError, adapt
 from accel.models.base import DenoiserAdapter, SegmentState
 from accel.partition import partition_chain, partition_onion
 from accel.testing import tiny_sd3_pipeline, tiny_sdxl_pipeline
@@ -179,7 +179,9 @@ def test_tiny_sdxl_units_equal_forward_for_1_to_4_stages() -> None:
     assert isinstance(adapter, UNetAdapter) and adapter.family == "unet"
     assert adapter.units[0].name == "conv_in" and adapter.units[-1].name == "conv_out"
     assert len(adapter.units) >= 20
-    args, kwargs = adapter.example_inputs(batch=2, height=128, width=128, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=2, height=128, width=128, dtype=torch.float32, device="cpu")
+    )
     assert set(kwargs["added_cond_kwargs"]) == {"text_embeds", "time_ids"}
     _check_all_splits(adapter, args, kwargs)
 
@@ -188,7 +190,9 @@ def test_cuts_inside_attention_carry_tokens_and_residual() -> None:
     adapter = adapt(_unet())
     names = [u.name for u in adapter.units]
     assert "down_blocks.2.attentions.0.transformer_blocks.2" in names
-    args, kwargs = adapter.example_inputs(batch=1, height=64, width=64, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=1, height=64, width=64, dtype=torch.float32, device="cpu")
+    )
     _check_all_splits(adapter, args, kwargs)
     with torch.no_grad():
         ref = adapter.model(*args, **kwargs)
@@ -201,7 +205,9 @@ def test_cuts_inside_attention_carry_tokens_and_residual() -> None:
 
 def test_plain_sd1_unet_and_return_tuple() -> None:
     adapter = adapt(_sd1_unet())
-    args, kwargs = adapter.example_inputs(batch=2, height=64, width=64, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=2, height=64, width=64, dtype=torch.float32, device="cpu")
+    )
     assert "added_cond_kwargs" not in kwargs
     _check_all_splits(adapter, args, {**kwargs, "return_dict": False})
 
@@ -211,14 +217,18 @@ def test_whole_block_fallback_and_self_attention_blocks() -> None:
     names = [u.name for u in adapter.units]
     assert "down_blocks.1" in names and "mid_block.resnets.0" in names and "up_blocks.0" in names
     assert "down_blocks.0.attentions.1" in names and "up_blocks.2.attentions.2" in names
-    args, kwargs = adapter.example_inputs(batch=1, height=64, width=64, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=1, height=64, width=64, dtype=torch.float32, device="cpu")
+    )
     _check_all_splits(adapter, args, kwargs)
 
 
 def test_odd_latent_size_forwards_upsample_sizes() -> None:
     adapter = adapt(_sdxl_unet())
     # 72x88 px -> a 9x11 latent, not a multiple of the U-Net's up factor 4: diffusers forwards upsample sizes.
-    args, kwargs = adapter.example_inputs(batch=1, height=72, width=88, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=1, height=72, width=88, dtype=torch.float32, device="cpu")
+    )
     state = adapter.prepare(*args, **kwargs)
     assert state.context["upsample_sizes"][:2] == [torch.Size([5, 6]), torch.Size([9, 11])]
     _check_all_splits(adapter, args, kwargs)
@@ -226,7 +236,9 @@ def test_odd_latent_size_forwards_upsample_sizes() -> None:
 
 def test_controlnet_residuals_masks_and_cross_attention_kwargs() -> None:
     adapter = adapt(_unet())
-    args, kwargs = adapter.example_inputs(batch=2, height=64, width=64, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=2, height=64, width=64, dtype=torch.float32, device="cpu")
+    )
     edges = adapter.trace(*args, **kwargs)
     skips = sorted((e for e in edges if e.name.startswith("skips.")), key=lambda e: int(e.name.split(".")[1]))
     gen = torch.Generator().manual_seed(1)
@@ -261,7 +273,9 @@ def test_controlnet_residuals_masks_and_cross_attention_kwargs() -> None:
 def test_t2i_adapter_residuals_and_freeu() -> None:
     model = _unet()
     adapter = adapt(model)
-    args, kwargs = adapter.example_inputs(batch=1, height=64, width=64, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=1, height=64, width=64, dtype=torch.float32, device="cpu")
+    )
     edges = adapter.trace(*args, **kwargs)
     gen = torch.Generator().manual_seed(2)
     # One residual per down block plus one for the mid block. diffusers adds it after a plain block's
@@ -297,7 +311,9 @@ def test_t2i_adapter_residuals_and_freeu() -> None:
 
 def test_onion_and_chain_partitions_run_with_boundary_tensors_only() -> None:
     adapter = adapt(_unet())
-    args, kwargs = adapter.example_inputs(batch=1, height=64, width=64, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=1, height=64, width=64, dtype=torch.float32, device="cpu")
+    )
     edges = adapter.trace(*args, **kwargs)
     n = len(adapter.units)
     costs = [1.0 + (i % 5) for i in range(n)]
@@ -311,7 +327,9 @@ def test_onion_and_chain_partitions_run_with_boundary_tensors_only() -> None:
 
 def test_trace_and_skip_bookkeeping() -> None:
     adapter = adapt(_sdxl_unet())
-    args, kwargs = adapter.example_inputs(batch=1, height=128, width=128, dtype=torch.float32, device="cpu")
+    args, kwargs = adapter.example_inputs(
+        InputShape(batch=1, height=128, width=128, dtype=torch.float32, device="cpu")
+    )
     edges = adapter.trace(*args, **kwargs)
     n = len(adapter.units)
     assert all(0 <= e.producer < e.consumer < n for e in edges)
@@ -338,7 +356,7 @@ def test_tiny_sd3_units_equal_forward_for_1_to_4_stages() -> None:
     assert [u.name for u in adapter.units][:2] == ["embed", "transformer_blocks.0"]
     assert adapter.units[-1].name == "out" and len(adapter.units) == len(adapter.model.transformer_blocks) + 2
     args, kwargs = adapter.example_inputs(
-        batch=2, height=128, width=128, dtype=torch.float32, device="cpu", text_len=20
+        InputShape(batch=2, height=128, width=128, dtype=torch.float32, device="cpu", text_len=20)
     )
     assert kwargs["encoder_hidden_states"].shape[1] == 20
     _check_all_splits(adapter, args, kwargs)
@@ -348,7 +366,7 @@ def test_tiny_sd3_units_equal_forward_for_1_to_4_stages() -> None:
 def test_sd3_controlnet_skip_layers_and_boundary() -> None:
     adapter = adapt(_sd3())
     args, kwargs = adapter.example_inputs(
-        batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=12
+        InputShape(batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=12)
     )
     tokens = (128 // 8 // 2) ** 2
     inner = adapter.model.inner_dim
@@ -364,7 +382,9 @@ def test_sd3_controlnet_skip_layers_and_boundary() -> None:
 
 def test_default_text_len_matches_sd3_with_t5() -> None:
     adapter = adapt(_sd3())
-    _, kwargs = adapter.example_inputs(batch=1, height=128, width=128, dtype=torch.float32, device="cpu")
+    _, kwargs = adapter.example_inputs(
+        InputShape(batch=1, height=128, width=128, dtype=torch.float32, device="cpu")
+    )
     assert kwargs["encoder_hidden_states"].shape[1] == 333
 
 

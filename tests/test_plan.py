@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from accel.cli.app import app
-from accel.models import adapt
+from accel.models import InputShape, adapt
 from accel.plan import (
     SCHEMA_VERSION,
     Plan,
@@ -131,15 +131,15 @@ def test_weights_fingerprint_follows_the_weights(unet: torch.nn.Module) -> None:
 def test_profile_units_measures_every_unit() -> None:
     adapter = adapt(tiny_sd3_pipeline(with_t5=False).transformer)
     shape = dict(batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=8)
-    measured = profile_units(adapter, warmup=0, repeat=2, **shape)
+    measured = profile_units(adapter, InputShape(**shape), warmup=0, repeat=2)
     assert [u.name for u in measured.units] == [u.name for u in adapter.units]
     assert all(u.ms > 0 for u in measured.units) and all(u.flops > 0 for u in measured.units)
     assert measured.total_ms == pytest.approx(sum(measured.costs)) and measured.prepare_ms > 0
     assert measured.timer == "perf_counter" and measured.dtype == "float32" and measured.text_len == 8
-    args, kwargs = adapter.example_inputs(**shape)
+    args, kwargs = adapter.example_inputs(InputShape(**shape))
     assert measured.edges == adapter.trace(*args, **kwargs)
     with pytest.raises(ValueError, match="move it first"):
-        profile_units(adapter, **{**shape, "dtype": torch.float16})
+        profile_units(adapter, InputShape(**{**shape, "dtype": torch.float16}))
 
 
 def _write(path: Path, text: str) -> Path:

@@ -130,20 +130,18 @@ class StageRunner:
         example_inputs: Sequence[torch.Tensor],
         *,
         cache_key: Any = None,
-        from_engines: bool = True,
     ) -> StageCallable:
         """The callable for stage ``key``: cached, loaded from the engine directory, or compiled now.
 
         ``cache_key`` (default ``key``) tells apart in-memory callables of one engine key, e.g. at two
-        prompt lengths. ``from_engines=False``: a stage ``accel export`` never writes (the VAE decoder),
-        compiled in memory without consulting the engine directory.
+        prompt lengths.
         """
         memo = key if cache_key is None else cache_key
         fn = self._callables.get(memo)
         if fn is not None:
             return fn
         started = time.perf_counter()
-        fn = self._load(key, module, example_inputs) if from_engines else None
+        fn = self._load(key, module, example_inputs)
         how = "loaded"
         if fn is None:
             fn = compile_stage(self.backend, module, example_inputs, stage=key, strict=self.strict)

@@ -28,6 +28,7 @@ import torch
 
 from accel.errors import AccelError
 from accel.models.base import CARRY_PREFIX, SKIP_PREFIX, DenoiserAdapter, SegmentState, dtype_name
+from accel.tree import map_tree
 
 CONTEXT_PREFIX = "context."
 FORWARD_PREFIX = "forward."
@@ -56,27 +57,19 @@ class TensorSpec:
 # -- flattening nested arguments (dicts, lists, tuples) into named tensors and constants -------------------
 def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor inside ``value`` by a placeholder naming it; collect the tensors by name."""
-    if isinstance(value, torch.Tensor):
-        tensors[prefix] = value
-        return _Slot(prefix)
-    if isinstance(value, Mapping):
-        return {k: _flatten(v, f"{prefix}.{k}", tensors) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        items = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    return value
+
+    def slot(path: str, leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        tensors[path] = leaf
+        return _Slot(path)
+
+    return map_tree(value, slot, prefix)
 
 
 def _fill(template: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(template, _Slot):
-        return tensors[template.name]
-    if isinstance(template, dict):
-        return {k: _fill(v, tensors) for k, v in template.items()}
-    if isinstance(template, list):
-        return [_fill(v, tensors) for v in template]
-    if isinstance(template, tuple):
-        return tuple(_fill(v, tensors) for v in template)
-    return template
+    """``template`` with every placeholder replaced by its tensor from ``tensors``."""
+    return map_tree(template, lambda _path, leaf: tensors[leaf.name] if isinstance(leaf, _Slot) else leaf)
 
 
 @dataclass(frozen=True)
@@ -186,10 +179,6 @@ class StageModule(torch.nn.Module):
                     "build (or export) the stage for this shape bucket."
                 )
         return flat
-
-    def state_from_outputs(self, context: dict[str, Any], outputs: Sequence[torch.Tensor]) -> SegmentState:
-        """The state after unit ``end - 1`` from a window stage's outputs."""
-        return self._adapter.with_tensors(context, dict(zip(self.outputs, outputs, strict=True)), self.end)
 
     def run_state(self, fn: Any, state: SegmentState) -> SegmentState:
         """Run a compiled window stage ``fn`` on ``state`` (before ``start``); the state after ``end - 1``.

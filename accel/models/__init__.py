@@ -13,6 +13,7 @@ import torch
 
 from accel.models.base import (
     DenoiserAdapter,
+    InputShape,
     SegmentState,
     TensorEdge,
     Unit,
@@ -48,6 +49,7 @@ def adapt(model: torch.nn.Module) -> DenoiserAdapter:
 
 __all__ = [
     "DenoiserAdapter",
+    "InputShape",
     "SD3Adapter",
     "SegmentState",
     "TensorEdge",

@@ -77,6 +77,42 @@ class TensorEdge:
     nbytes: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class InputShape:
+    """One shape bucket of denoiser calls: what profiling, planning, export and run-time lookup agree on.
+
+    Attributes:
+        batch: rows of one call (per guidance branch in a CFG-split step).
+        height, width: image size in pixels (the latents are ``vae_scale_factor`` times smaller).
+        dtype, device: where and in which precision the denoiser runs.
+        text_len: text tokens of the dummy conditioning (``None``: the model's default).
+        vae_scale_factor: pixels per latent.
+    """
+
+    batch: int
+    height: int
+    width: int
+    dtype: torch.dtype
+    device: torch.device
+    text_len: int | None = None
+    vae_scale_factor: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))
+
+    @classmethod
+    def of_latents(cls, sample: torch.Tensor, vae_scale_factor: int = 8) -> InputShape:
+        """The shape of a call whose latents are ``sample`` (``[batch, channels, h, w]``)."""
+        return cls(
+            batch=int(sample.shape[0]),
+            height=int(sample.shape[-2]) * vae_scale_factor,
+            width=int(sample.shape[-1]) * vae_scale_factor,
+            dtype=sample.dtype,
+            device=sample.device,
+            vae_scale_factor=vae_scale_factor,
+        )
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16`` -> ``"float16"``."""
     return str(dtype).removeprefix("torch.")
@@ -171,18 +207,8 @@ class DenoiserAdapter(ABC):
         return self._output_class()(sample=sample)
 
     @abstractmethod
-    def example_inputs(
-        self,
-        *,
-        batch: int,
-        height: int,
-        width: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        text_len: int | None = None,
-        vae_scale_factor: int = 8,
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Dummy ``(args, kwargs)`` for ``model.forward`` at a pixel resolution (for profiling)."""
+    def example_inputs(self, shape: InputShape) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Dummy ``(args, kwargs)`` for ``model.forward`` at ``shape`` (for profiling and export)."""
 
     # -- provided -------------------------------------------------------------------------------
     def __len__(self) -> int:

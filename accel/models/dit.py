@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from accel.models.base import DenoiserAdapter, SegmentState, Unit, UnsupportedModelError
+from accel.models.base import DenoiserAdapter, InputShape, SegmentState, Unit, UnsupportedModelError
 
 REQUIRED_ATTRIBUTES = (
     "pos_embed",
@@ -154,38 +154,28 @@ class SD3Adapter(DenoiserAdapter):
 
         return Transformer2DModelOutput
 
-    def example_inputs(
-        self,
-        *,
-        batch: int,
-        height: int,
-        width: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        text_len: int | None = None,
-        vae_scale_factor: int = 8,
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def example_inputs(self, shape: InputShape) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Random latents, text tokens (default 333 = 2 x 77 CLIP + 256 T5 tokens), pooled text, timestep."""
+        batch, height, width, text_len = shape.batch, shape.height, shape.width, shape.text_len
+        scale = shape.vae_scale_factor
         config: Any = self.model.config
-        step = vae_scale_factor * config.patch_size
+        step = scale * config.patch_size
         if height % step or width % step:
             raise ValueError(
-                f"height and width must be multiples of {step} (VAE scale factor {vae_scale_factor} x patch size "
+                f"height and width must be multiples of {step} (VAE scale factor {scale} x patch size "
                 f"{config.patch_size}), got {height}x{width}."
             )
         gen = torch.Generator("cpu").manual_seed(0)
 
-        def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        def randn(*dims: int) -> torch.Tensor:
+            return torch.randn(*dims, generator=gen).to(device=shape.device, dtype=shape.dtype)
 
         kwargs = {
-            "hidden_states": randn(
-                batch, config.in_channels, height // vae_scale_factor, width // vae_scale_factor
-            ),
+            "hidden_states": randn(batch, config.in_channels, height // scale, width // scale),
             "encoder_hidden_states": randn(
                 batch, 333 if text_len is None else text_len, config.joint_attention_dim
             ),
             "pooled_projections": randn(batch, config.pooled_projection_dim),
-            "timestep": torch.full((batch,), 500.0, device=device),
+            "timestep": torch.full((batch,), 500.0, device=shape.device),
         }
         return (), kwargs

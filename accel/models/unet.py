@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from accel.models.base import DenoiserAdapter, SegmentState, Unit, UnsupportedModelError
+from accel.models.base import DenoiserAdapter, InputShape, SegmentState, Unit, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -623,29 +623,21 @@ class UNetAdapter(DenoiserAdapter):
 
         return UNet2DConditionOutput
 
-    def example_inputs(
-        self,
-        *,
-        batch: int,
-        height: int,
-        width: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        text_len: int | None = None,
-        vae_scale_factor: int = 8,
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def example_inputs(self, shape: InputShape) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Random latents, timestep, text states and added conditioning shaped from the config."""
+        batch, height, width, text_len = shape.batch, shape.height, shape.width, shape.text_len
+        scale = shape.vae_scale_factor
         model: Any = self.model
         config = model.config
         name = type(model).__name__
-        if height % vae_scale_factor or width % vae_scale_factor:
+        if height % scale or width % scale:
             raise ValueError(
-                f"height and width must be multiples of the VAE scale factor {vae_scale_factor}, got {height}x{width}."
+                f"height and width must be multiples of the VAE scale factor {scale}, got {height}x{width}."
             )
         gen = torch.Generator("cpu").manual_seed(0)
 
-        def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        def randn(*dims: int) -> torch.Tensor:
+            return torch.randn(*dims, generator=gen).to(device=shape.device, dtype=shape.dtype)
 
         cross_dim: Any = config.cross_attention_dim
         if config.encoder_hid_dim_type == "text_proj" and config.encoder_hid_dim is not None:
@@ -662,8 +654,8 @@ class UNetAdapter(DenoiserAdapter):
                 )
             cross_dim = cross_dim[0]
         kwargs: dict[str, Any] = {
-            "sample": randn(batch, config.in_channels, height // vae_scale_factor, width // vae_scale_factor),
-            "timestep": torch.tensor(500.0, device=device),
+            "sample": randn(batch, config.in_channels, height // scale, width // scale),
+            "timestep": torch.tensor(500.0, device=shape.device),
             "encoder_hidden_states": randn(batch, 77 if text_len is None else text_len, int(cross_dim)),
         }
         kind = config.addition_embed_type
@@ -683,9 +675,9 @@ class UNetAdapter(DenoiserAdapter):
             )
         if model.class_embedding is not None:
             if config.class_embed_type is None:
-                kwargs["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
+                kwargs["class_labels"] = torch.zeros(batch, dtype=torch.long, device=shape.device)
             elif config.class_embed_type == "timestep":
-                kwargs["class_labels"] = torch.zeros(batch, device=device)
+                kwargs["class_labels"] = torch.zeros(batch, device=shape.device)
             elif config.class_embed_type == "projection":
                 kwargs["class_labels"] = randn(batch, config.projection_class_embeddings_input_dim)
             else:

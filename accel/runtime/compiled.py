@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from accel.compile.engines import cfg_key, decoder_key
+from accel.compile.engines import decoder_key, engine_stages
 from accel.compile.runner import StageRunner
 from accel.compile.stage import DecoderStage, StageError, StageModule, build_stage
-from accel.models import DenoiserAdapter, adapt
+from accel.models import DenoiserAdapter, InputShape, adapt
 from accel.runtime.guidance import _map_output
+from accel.tree import leaves
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +34,17 @@ DECODER_HOOK = "accel.compiled_decoder"
 
 
 def tensor_signature(tree: Any) -> tuple[Any, ...]:
-    """Shapes and dtypes of every tensor in ``tree`` (nested dicts/lists/tuples), in order."""
-    out: list[Any] = []
+    """Paths with the shapes and dtypes of every tensor in ``tree`` (nested dicts/lists/tuples), and the
+    values (or type names) of the other leaves, in order."""
 
-    def walk(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            out.append((tuple(value.shape), value.dtype))
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                out.append(k)
-                walk(v)
-        elif isinstance(value, list | tuple):
-            for v in value:
-                walk(v)
-        elif value is None or isinstance(value, bool | int | float | str):
-            out.append(value)
-        else:
-            out.append(type(value).__name__)
+    def signature(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            return (tuple(leaf.shape), leaf.dtype)
+        if leaf is None or isinstance(leaf, bool | int | float | str):
+            return leaf
+        return type(leaf).__name__
 
-    walk(tree)
-    return tuple(out)
+    return tuple((path, signature(leaf)) for path, leaf in leaves(tree))
 
 
 class CompiledDenoiserHook(ModelHook):
@@ -85,12 +77,13 @@ class CompiledDenoiserHook(ModelHook):
             sample = kwargs.get("sample", kwargs.get("hidden_states"))
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
             return self._eager(forward, args, kwargs, "the first input is not a 4-d latent")
-        scale = self.vae_scale_factor
-        key = cfg_key(sample.shape[-2] * scale, sample.shape[-1] * scale, sample.shape[0])
+        shape = InputShape.of_latents(sample, self.vae_scale_factor)
+        [whole] = engine_stages((), len(self.adapter.units), shape)
+        key = whole.key
         memo = (key, tensor_signature(args), tensor_signature(kwargs))
         entry = self._stages.get(memo)
         if entry is None:
-            stage, inputs = build_stage(self.adapter, 0, len(self.adapter.units), args, kwargs, whole=True)
+            stage, inputs = build_stage(self.adapter, whole.lo, whole.hi, args, kwargs, whole=True)
             fn = self.runner.get(key, stage, inputs, cache_key=memo)
             # One eager call gives the output structure (tuple or output class) to return later.
             template = forward(*args, **kwargs)

@@ -22,14 +22,14 @@ the rank of each group that owns the last unit, reach every rank through one all
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from accel.models import DenoiserAdapter, TensorEdge
 from accel.runtime.comm import Communicator
-from accel.runtime.guidance import BatchSplit, _batch_of, _map_output
+from accel.runtime.guidance import BatchSplit, _map_output
 from accel.runtime.schedule import relative_gap
 from accel.runtime.stages import PREDICTION, Segment, StageExecutor, first_tensor
 from accel.runtime.window import WindowHook
@@ -63,42 +63,41 @@ class GroupPipelineHook(WindowHook[StageExecutor]):
         """This rank's place in its CFG group: the plan stage it runs in the window."""
         return self.comm.rank - self.branch * self.k
 
-    def _reset_call(self) -> None:
-        super()._reset_call()
-        self._measure = False
-
     # -- the hook ----------------------------------------------------------------------------------
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        step = self.calls
-        batch = _batch_of(args, kwargs)
-        if batch is None or not self._windowed(batch):
-            return super().new_forward(module, *args, **kwargs)  # not a 2-branch CFG call
+    def _guided_call(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+    ) -> Any:
+        step = self.state.calls
         phase = self._enter(step, module, args, kwargs, batch)
         if phase == "cfg":
-            self._measure = True
-            output = super().new_forward(module, *args, **kwargs)
-            if self._measure:  # nothing was gathered
-                self._measure = False
-                self._rates.skip()
+            measured = len(self.state.rates)
+            output = self._split_forward(args, kwargs, self._gap_meter())
+            if len(self.state.rates) == measured:  # nothing was gathered
+                self.state.rates.skip()
             self._record(step, "cfg", self._all_units(), [])
             return output
-        self.calls += 1
-        self.split_calls += 1
-        window = self._window
-        assert window is not None and self._executor is not None
+        self.state.calls += 1
+        self.state.split_calls += 1
+        window = self.state.window
+        assert window is not None and self.state.executor is not None
         branch_args, branch_kwargs = self._branch_inputs(args, kwargs, batch, self.branch)
         if step == window[0]:
             return self._prime(step, branch_args, branch_kwargs, batch)
         return self._pipelined(step, branch_args, branch_kwargs, batch, last=step == window[1])
 
-    def _gather(self, local: torch.Tensor, split: BatchSplit) -> torch.Tensor:
-        full = super()._gather(local, split)
-        if self._measure and full is not local:
-            # The prediction (the first gathered tensor) measures the branch gap, identically on every rank.
-            self._measure = False
-            half = split.batch // 2
-            self._rates.push(relative_gap(full[:half], full[half:]))
-        return full
+    def _gap_meter(self) -> Callable[[torch.Tensor, torch.Tensor, BatchSplit], None]:
+        """A gather callback measuring the branch gap on the step's first gathered tensor (the prediction),
+        identically on every rank."""
+        pending = True
+
+        def measure(local: torch.Tensor, full: torch.Tensor, split: BatchSplit) -> None:
+            nonlocal pending
+            if pending:
+                pending = False
+                half = split.batch // 2
+                self.state.rates.push(relative_gap(full[:half], full[half:]))
+
+        return measure
 
     def _make_executor(
         self,
@@ -107,12 +106,6 @@ class GroupPipelineHook(WindowHook[StageExecutor]):
         edges: Sequence[TensorEdge],
         device: torch.device,
     ) -> StageExecutor:
-        if len(stages) != self.k:
-            raise ValueError(
-                f"the plan has {len(stages)} stages, but each CFG group of {self.k} ranks pipelines its "
-                f"branch over {self.k} stages: make the plan with devices={self.k} "
-                f"(accel plan ... --devices {self.k})."
-            )
         group = self.comm.layout.groups[self.branch]
         return StageExecutor(
             adapter, stages, edges, stage=self.position, peers=group, device=device, group=self.comm.group
@@ -120,27 +113,26 @@ class GroupPipelineHook(WindowHook[StageExecutor]):
 
     def _prime(self, step: int, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> Any:
         """First window step: the whole branch on every rank of the group, keeping this stage's inputs."""
-        executor = self._executor
+        executor = self.state.executor
         assert executor is not None
         executor.drain()
         output, captured = executor.forward_capturing(args, kwargs, slot=(step + 1) % 2)
-        self._template = output
+        self.state.template = output
         # Every rank of a group holds its branch whole: gather one copy per group, over the stride.
         split = BatchSplit(batch=batch, world_size=self.comm.world_size, parts=2)
-        self._measure = True
-        result = _map_output(output, lambda local: self._gather(local, split))
+        result = self._gather_output(output, split, self._gap_meter())
         prediction = first_tensor(output)
         self._record(step, "pipeline", self._all_units(), [], captured)
-        self.stats.pipeline_bytes += prediction.numel() * prediction.element_size()
+        self.state.stats.pipeline_bytes += prediction.numel() * prediction.element_size()
         return result
 
     def _pipelined(
         self, step: int, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, *, last: bool
     ) -> Any:
-        executor = self._executor
+        executor = self.state.executor
         assert executor is not None
         output, units, sent = executor.step(args, kwargs, slot=step % 2, last=last)
-        template = first_tensor(self._template)
+        template = first_tensor(self.state.template)
         mine = (
             first_tensor(output).contiguous() if output is not None else executor.placeholder_like(template)
         )
@@ -151,7 +143,7 @@ class GroupPipelineHook(WindowHook[StageExecutor]):
         sent.append((PREDICTION, mine.numel() * mine.element_size()))
         boundary = sum(n for name, n in sent if name != PREDICTION)
         self.comm.stats.bytes_sent += boundary  # the all-gather counted the prediction already
-        self.stats.pipeline_bytes += boundary + mine.numel() * mine.element_size()
-        self._rates.skip()
+        self.state.stats.pipeline_bytes += boundary + mine.numel() * mine.element_size()
+        self.state.rates.skip()
         self._record(step, "pipeline", units, sent)
-        return _map_output(self._template, lambda _t: full)
+        return _map_output(self.state.template, lambda _t: full)

@@ -15,17 +15,18 @@ hold different parts (a *stride*), so nothing is gathered twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
-from diffusers.utils import BaseOutput
 
 from accel.runtime.comm import Communicator
 from accel.runtime.sequence import SequenceParallel
+from accel.tree import map_tree
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +76,17 @@ def slice_batch(tree: Any, batch: int, rows: slice) -> Any:
 
     Tensors of another leading size (a scalar timestep, a shared mask) pass through unchanged.
     """
-    if isinstance(tree, torch.Tensor):
-        return tree[rows] if tree.dim() > 0 and tree.shape[0] == batch else tree
-    if isinstance(tree, BaseOutput):
-        return tree
-    if isinstance(tree, dict):
-        return type(tree)((k, slice_batch(v, batch, rows)) for k, v in tree.items())
-    if isinstance(tree, (list, tuple)):
-        items = [slice_batch(v, batch, rows) for v in tree]
-        return type(tree)(items) if not hasattr(tree, "_fields") else type(tree)(*items)
-    return tree
+
+    def cut(_path: str, leaf: Any) -> Any:
+        batched = isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch
+        return leaf[rows] if batched else leaf
+
+    return map_tree(tree, cut)
 
 
 def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    if isinstance(output, BaseOutput):
-        return type(output)(**{k: _map_output(v, fn) for k, v in output.items()})
-    if isinstance(output, (list, tuple)):
-        return type(output)(_map_output(v, fn) for v in output)
-    return output
+    """A denoiser output (tensor, tuple or diffusers output) with every tensor replaced by ``fn(tensor)``."""
+    return map_tree(output, lambda _path, leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf)
 
 
 def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -103,6 +95,19 @@ def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return None
+
+
+@dataclass
+class SplitState:
+    """Per-call state of :class:`CFGSplitHook` (``reset`` at every pipeline call): what it counted."""
+
+    calls: int = 0
+    split_calls: int = 0
+
+    def reset(self) -> None:
+        """Back to a fresh state (every field to its default); subclasses add their fields."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
 
 
 class CFGSplitHook(ModelHook):
@@ -119,6 +124,9 @@ class CFGSplitHook(ModelHook):
     """
 
     _is_stateful = True
+    #: the per-call state class (subclasses with more per-call state extend it)
+    State: type[SplitState] = SplitState
+    state: SplitState
 
     def __init__(
         self, comm: Communicator, owns_result: Callable[[], bool], *, sequence_parallel: bool | None = None
@@ -126,8 +134,7 @@ class CFGSplitHook(ModelHook):
         super().__init__()
         self.comm = comm
         self.owns_result = owns_result
-        self.calls = 0
-        self.split_calls = 0
+        self.state = self.State()
         self._splits: dict[int, BatchSplit] = {}
         self._sequence_wanted = comm.layout.group_size > 1 if sequence_parallel is None else sequence_parallel
         #: the sharded-forward runner while installed on a DiT (``None``: blocks run their part whole)
@@ -147,9 +154,18 @@ class CFGSplitHook(ModelHook):
         return module
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.calls = 0
-        self.split_calls = 0
+        self.state.reset()
         return module
+
+    @property
+    def calls(self) -> int:
+        """Denoiser calls of the current pipeline call."""
+        return self.state.calls
+
+    @property
+    def split_calls(self) -> int:
+        """Denoiser calls of the current pipeline call that were split across ranks."""
+        return self.state.split_calls
 
     def split_for(self, batch: int) -> BatchSplit:
         split = self._splits.get(batch)
@@ -189,9 +205,23 @@ class CFGSplitHook(ModelHook):
         return None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self._split_forward(args, kwargs)
+
+    def _original_forward(self) -> Callable[..., Any]:
         forward = self.fn_ref.original_forward
         assert forward is not None, "the hook registry sets original_forward for hooks with new_forward"
-        self.calls += 1
+        return forward
+
+    def _split_forward(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        on_gathered: Callable[[torch.Tensor, torch.Tensor, BatchSplit], None] | None = None,
+    ) -> Any:
+        """This rank's part of the call, its output gathered; ``on_gathered(local, full, split)`` sees every
+        tensor gathered, in output order (the first one is the prediction)."""
+        forward = self._original_forward()
+        self.state.calls += 1
         batch = _batch_of(args, kwargs)
         if batch is None:
             return forward(*args, **kwargs)
@@ -202,7 +232,7 @@ class CFGSplitHook(ModelHook):
         block = self.block_for(split, args, kwargs)
         if block is None and split.parts == 1:
             return forward(*args, **kwargs)
-        self.split_calls += 1
+        self.state.split_calls += 1
         if block is not None:
             assert self.sequence is not None  # block_for returns a block only with a runner
             output = self.sequence.forward(block, args, kwargs)
@@ -210,7 +240,23 @@ class CFGSplitHook(ModelHook):
             output = forward(*args, **kwargs)
         if split.parts == 1:
             return output  # the block's output is whole on every rank and freshly allocated
-        return _map_output(output, lambda local: self._gather(local, split))
+        return self._gather_output(output, split, on_gathered)
+
+    def _gather_output(
+        self,
+        output: Any,
+        split: BatchSplit,
+        on_gathered: Callable[[torch.Tensor, torch.Tensor, BatchSplit], None] | None = None,
+    ) -> Any:
+        """``output`` with every tensor of this rank's rows replaced by all ranks' rows (see ``_split_forward``)."""
+
+        def gather(local: torch.Tensor) -> torch.Tensor:
+            full = self._gather(local, split)
+            if on_gathered is not None and full is not local:
+                on_gathered(local, full, split)
+            return full
+
+        return _map_output(output, gather)
 
     def _gather(self, local: torch.Tensor, split: BatchSplit) -> torch.Tensor:
         if local.dim() == 0 or local.shape[0] != split.rows:

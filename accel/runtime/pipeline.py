@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from typing_extensions import Unpack
 from accel.models import DenoiserAdapter, TensorEdge
 from accel.partition import stage_owners
 from accel.runtime.comm import Communicator
-from accel.runtime.guidance import BatchSplit, _batch_of, _map_output
+from accel.runtime.guidance import BatchSplit, SplitState, _map_output
 from accel.runtime.schedule import relative_gap
 from accel.runtime.stages import (
     PREDICTION,
@@ -50,7 +51,7 @@ from accel.runtime.stages import (
     StageExecutor,
     first_tensor,
 )
-from accel.runtime.window import HybridCallStats, StepRecord, WindowHook, WindowOptions
+from accel.runtime.window import HybridCallStats, StepRecord, WindowHook, WindowOptions, WindowState
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,6 @@ class PairStageExecutor(StageExecutor):
         device: torch.device,
         group: dist.ProcessGroup | None = None,
     ) -> None:
-        if len(stages) != 2:
-            raise ValueError(
-                f"the plan has {len(stages)} stages; on 2 devices the window runs 2 stages: make the plan "
-                "with devices=2 (accel plan ... --devices 2)."
-            )
         last_stage = stage_owners(stages, len(adapter.units))[-1]
         # The conditional rank (1) runs the stage that produces the prediction, as in the published code
         # (later stages conditional, earlier ones unconditional; for an onion the outer stage is "later").
@@ -163,6 +159,15 @@ def _wait(work: Any) -> None:
         work.wait()
 
 
+@dataclass
+class HybridState(WindowState[PairStageExecutor]):
+    """Per-call state of :class:`HybridHook`: the window's, plus the CFG step whose activations start the
+    window (``captured_at``) and the branch difference measured there (``delta``, ``cached`` guidance)."""
+
+    captured_at: int | None = None
+    delta: torch.Tensor | None = None
+
+
 class HybridHook(WindowHook[PairStageExecutor]):
     """CFG split plus the pipelined window (see the module docstring); world size 2.
 
@@ -175,6 +180,9 @@ class HybridHook(WindowHook[PairStageExecutor]):
 
     ``recorder``: set to a callable to receive a :class:`StepRecord` per denoiser call (tests).
     """
+
+    State: type[SplitState] = HybridState
+    state: HybridState
 
     def __init__(
         self,
@@ -194,25 +202,17 @@ class HybridHook(WindowHook[PairStageExecutor]):
                 "GroupPipelineHook (accel.runtime.group_pipeline)."
             )
 
-    def _reset_call(self) -> None:
-        super()._reset_call()
-        self._delta: torch.Tensor | None = None
-        self._captured_at: int | None = None
-
     # -- the hook ----------------------------------------------------------------------------------
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        forward = self.fn_ref.original_forward
-        assert forward is not None, "the hook registry sets original_forward for hooks with new_forward"
-        step = self.calls
-        batch = _batch_of(args, kwargs)
-        if batch is None or not self._windowed(batch):
-            return super().new_forward(module, *args, **kwargs)  # not a 2-branch CFG call
-        self.calls += 1
+    def _guided_call(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+    ) -> Any:
+        step = self.state.calls
+        self.state.calls += 1
         split = self.split_for(batch)
         phase = self._enter(step, module, args, kwargs, batch)
         if phase == "pipeline":
             return self._pipelined(step, args, kwargs, batch)
-        return self._cfg_step(step, forward, args, kwargs, batch, split)
+        return self._cfg_step(step, self._original_forward(), args, kwargs, batch, split)
 
     def _make_executor(
         self,
@@ -226,7 +226,7 @@ class HybridHook(WindowHook[PairStageExecutor]):
         )
 
     def _check_start(self, window: tuple[int, int] | None, step: int) -> tuple[int, int] | None:
-        if window is not None and window[0] <= step and self._captured_at != window[0] - 1:
+        if window is not None and window[0] <= step and self.state.captured_at != window[0] - 1:
             # No activations were captured for this start (cannot happen with the rules here).
             log.warning("no activations captured before step %d: the window is skipped", step)
             return None
@@ -234,14 +234,14 @@ class HybridHook(WindowHook[PairStageExecutor]):
 
     def _capture_now(self, step: int) -> bool:
         """Whether this CFG step may be the last one before the window (its activations start it)."""
-        schedule = self._schedule
-        if schedule is None or self._executor is None:
+        schedule = self.state.schedule
+        if schedule is None or self.state.executor is None:
             return False
-        total = self._steps_total if self._steps_total is not None else 2**31
+        total = self.state.steps_total if self.state.steps_total is not None else 2**31
         if step + 1 > total - 1:
             return False
-        if self._decided:
-            return self._window is not None and step == self._window[0] - 1
+        if self.state.decided:
+            return self.state.window is not None and step == self.state.window[0] - 1
         if schedule.mode == "adaptive":
             return (step >= schedule.lookback or step == schedule.tau_cap) and step <= schedule.tau_cap
         return False
@@ -256,7 +256,7 @@ class HybridHook(WindowHook[PairStageExecutor]):
         split: BatchSplit,
     ) -> Any:
         b_args, b_kwargs = self._branch_inputs(args, kwargs, batch, self.branch)
-        executor = self._executor
+        executor = self.state.executor
         captured: list[str] = []
         if executor is not None and self._capture_now(step):
             # reference: each rank starts from its own branch; cached/off: both stages run the conditional
@@ -267,36 +267,32 @@ class HybridHook(WindowHook[PairStageExecutor]):
             output, captured = executor.capture(
                 b_args, b_kwargs, slot=(step + 1) % 2, own=own, for_peer=for_peer
             )
-            self._captured_at = step
-            self._template = output
+            self.state.captured_at = step
+            self.state.template = output
             executor.set_prediction_like(first_tensor(output))
         else:
             output = forward(*b_args, **b_kwargs)
-        self.split_calls += 1
-        capture = self._captured_at == step
+        self.state.split_calls += 1
+        capture = self.state.captured_at == step
         sent: list[tuple[str, int]] = []
 
-        def gather(local: torch.Tensor) -> torch.Tensor:
-            full = self._gather(local, split)
-            if full is local:
-                return full
+        def gathered(local: torch.Tensor, full: torch.Tensor, split: BatchSplit) -> None:
             sent.append((PREDICTION, local.numel() * local.element_size()))
             if len(sent) == 1:  # the prediction (the first gathered tensor) measures the branch gap
                 uncond, cond = full[: split.rows], full[split.rows :]
-                self._rates.push(relative_gap(uncond, cond))
+                self.state.rates.push(relative_gap(uncond, cond))
                 if capture and self.window_guidance == "cached":
-                    self._delta = cond - uncond
-            return full
+                    self.state.delta = cond - uncond
 
-        result = _map_output(output, gather)
+        result = self._gather_output(output, split, gathered)
         if not sent:
-            self._rates.skip()
+            self.state.rates.skip()
         self._record(step, "cfg", self._all_units(), sent, captured)
         return result
 
     def _pipelined(self, step: int, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> Any:
-        executor = self._executor
-        window = self._window
+        executor = self.state.executor
+        window = self.state.window
         assert executor is not None and window is not None
         mode = self.window_guidance
         branch = self.comm.rank if mode == "reference" else 1  # rank 0 uncond, rank 1 cond (reference)
@@ -310,13 +306,13 @@ class HybridHook(WindowHook[PairStageExecutor]):
             sent.insert(0, ("handover", sent_bytes))
         step_bytes = sum(n for _, n in sent)
         self.comm.stats.bytes_sent += step_bytes
-        self.stats.pipeline_bytes += step_bytes
-        self._rates.skip()
+        self.state.stats.pipeline_bytes += step_bytes
+        self.state.rates.skip()
         if mode == "cached":
-            delta = self._delta
+            delta = self.state.delta
             assert delta is not None
             full = torch.cat([prediction - delta, prediction])
         else:
             full = torch.cat([prediction, prediction])
         self._record(step, "pipeline", units, sent)
-        return _map_output(self._template, lambda _t: full)
+        return _map_output(self.state.template, lambda _t: full)

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from accel.models import DenoiserAdapter, SegmentState, TensorEdge
+from accel.models import DenoiserAdapter, InputShape, SegmentState, TensorEdge
 from accel.partition import stage_owners
 from accel.runtime.schedule import clamp_window, taus
 from accel.settings import ResolvedSchedule
+from accel.tree import leaves
 
 if TYPE_CHECKING:
     from accel.compile.runner import StageRunner
@@ -93,29 +94,26 @@ def compile_segments(
     stages: Sequence[Sequence[Segment]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    *,
-    batch: int,
-    vae_scale_factor: int,
+    shape: InputShape,
 ) -> dict[Segment, CompiledSegment]:
     """Compiled callables for every unit segment of every stage, under the engine keys ``accel export``
-    writes (``window.s<k>.u<lo>-<hi>.<H>x<W>.b<batch>``); ``args``/``kwargs`` are one branch's inputs.
+    writes (:func:`accel.compile.engines.engine_stages` at ``shape``); ``args``/``kwargs`` are one
+    branch's inputs.
 
     Every segment, not only this rank's: the step that captures the window's starting activations runs
     them all in unit order, and is then as fast as a compiled whole-denoiser step.
     """
-    from accel.compile.engines import window_key
+    from accel.compile.engines import engine_stages
     from accel.compile.stage import build_stage
 
-    sample = tensors_of(args, kwargs)[0]
-    height, width = sample.shape[-2] * vae_scale_factor, sample.shape[-1] * vae_scale_factor
     compiled: dict[Segment, CompiledSegment] = {}
-    for k, segments in enumerate(stages):
-        for lo, hi in segments:
-            key = window_key(k, lo, hi, height, width, batch)
-            with torch.no_grad():
-                module, inputs = build_stage(adapter, lo, hi, args, kwargs)
-            fn = runner.get(key, module, inputs, cache_key=(key, shape_key(args, kwargs)))
-            compiled[(lo, hi)] = (module, fn)
+    for entry in engine_stages(stages, len(adapter.units), shape):
+        if entry.phase != "window":
+            continue
+        with torch.no_grad():
+            module, inputs = build_stage(adapter, entry.lo, entry.hi, args, kwargs)
+        fn = runner.get(entry.key, module, inputs, cache_key=(entry.key, shape_key(args, kwargs)))
+        compiled[(entry.lo, entry.hi)] = (module, fn)
     return compiled
 
 
@@ -316,34 +314,15 @@ def decide_window(
 
 def first_tensor(output: Any) -> torch.Tensor:
     """The first tensor of a denoiser output (a tensor, a tuple or a diffusers output): the prediction."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple | list):
-        return first_tensor(output[0])
-    values = output.values() if hasattr(output, "values") else ()
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value
+    for _, leaf in leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
     raise TypeError(f"no tensor in the denoiser output {type(output).__name__}.")
 
 
 def tensors_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """Every tensor in a call's arguments (nested dicts, lists and tuples), in order."""
-    out: list[torch.Tensor] = []
-
-    def walk(tree: Any) -> None:
-        if isinstance(tree, torch.Tensor):
-            out.append(tree)
-        elif isinstance(tree, dict):
-            for v in tree.values():
-                walk(v)
-        elif isinstance(tree, list | tuple):
-            for v in tree:
-                walk(v)
-
-    walk(args)
-    walk(kwargs)
-    return out
+    return [leaf for _, leaf in leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
 
 
 def shape_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar
 import torch
 from typing_extensions import NotRequired
 
-from accel.models import DenoiserAdapter, TensorEdge, adapt
+from accel.models import DenoiserAdapter, InputShape, TensorEdge, adapt
 from accel.runtime.comm import Communicator
-from accel.runtime.guidance import CFGSplitHook, slice_batch
+from accel.runtime.guidance import CFGSplitHook, SplitState, _batch_of, slice_batch
 from accel.runtime.schedule import LaggedRates, earliest_start
 from accel.runtime.stages import (
     Segment,
@@ -101,6 +101,33 @@ class WindowOptions(TypedDict):
 E = TypeVar("E", bound=StageExecutor)
 
 
+@dataclass
+class WindowState(SplitState, Generic[E]):
+    """Per-call state of a window hook (``reset`` at every pipeline call).
+
+    Attributes:
+        stats: the numbers reported after the call.
+        rates: the branch gaps measured so far (read one step late).
+        schedule: the schedule resolved at the call's first step (``None``: not yet, or no window).
+        decided: whether the window was decided; ``window``: its ``(start, end)`` steps, if any.
+        steps_total: the call's number of denoiser calls, when the pipeline says.
+        executor: the executor of the call's shape (``None``: no window possible).
+        template: an output of the denoiser, to give window steps' predictions the same structure.
+        phase, phase_start: the phase of the current step and when it began.
+    """
+
+    stats: HybridCallStats = field(default_factory=HybridCallStats)
+    rates: LaggedRates = field(default_factory=LaggedRates)
+    schedule: ResolvedSchedule | None = None
+    decided: bool = False
+    window: tuple[int, int] | None = None
+    steps_total: int | None = None
+    executor: E | None = None
+    template: Any = None
+    phase: str = "cfg"
+    phase_start: float | None = None
+
+
 class WindowHook(CFGSplitHook, Generic[E]):
     """CFG split outside the window; the window's schedule, plan, executor and per-call numbers.
 
@@ -118,6 +145,9 @@ class WindowHook(CFGSplitHook, Generic[E]):
 
     ``recorder``: set to a callable to receive a :class:`StepRecord` per guided denoiser call (tests).
     """
+
+    State: type[SplitState] = WindowState
+    state: WindowState[E]
 
     def __init__(
         self,
@@ -147,48 +177,41 @@ class WindowHook(CFGSplitHook, Generic[E]):
         self._executors: dict[Any, tuple[StagedPlan, E]] = {}
         #: the plan of the latest call's shape (``None`` before one was needed)
         self.plan: StagedPlan | None = None
-        self._reset_call()
 
     def _check_world(self, comm: Communicator) -> None:
         """Refuse a world this runtime does not run on (a ``ValueError`` naming the runtime that does)."""
 
     # -- per call ----------------------------------------------------------------------------------
-    def _reset_call(self) -> None:
-        self.stats = HybridCallStats()
-        self._rates = LaggedRates()
-        self._schedule: ResolvedSchedule | None = None
-        self._decided = False
-        self._window: tuple[int, int] | None = None
-        self._steps_total: int | None = None
-        self._executor: E | None = None
-        self._template: Any = None
-        self._phase_start: float | None = None
-        self._phase = "cfg"
-
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        super().reset_state(module)
-        if self._executor is not None:
-            self._executor.drain()
-        self._reset_call()
-        return module
+        if self.state.executor is not None:
+            self.state.executor.drain()
+        return super().reset_state(module)
 
     def end_call(self) -> HybridCallStats:
         """Finish outstanding transfers and fill in the per-call numbers (after the pipeline call)."""
-        if self._executor is not None:
-            self._executor.drain()
+        if self.state.executor is not None:
+            self.state.executor.drain()
         self._close_phase(time.perf_counter())
-        self.stats.rates = self._rates.values()
-        return self.stats
+        self.state.stats.rates = self.state.rates.values()
+        return self.state.stats
 
     def _close_phase(self, now: float) -> None:
-        if self._phase_start is not None:
-            self.stats.seconds[self._phase] += now - self._phase_start
-        self._phase_start = None
+        if self.state.phase_start is not None:
+            self.state.stats.seconds[self.state.phase] += now - self.state.phase_start
+        self.state.phase_start = None
 
     # -- every guided step -------------------------------------------------------------------------
-    def _windowed(self, batch: int | None) -> bool:
-        """Whether a denoiser call of ``batch`` rows is a 2-branch CFG call (one the window may take)."""
-        return batch is not None and batch % 2 == 0 and self.guided()
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        batch = _batch_of(args, kwargs)
+        if batch is None or batch % 2 or not self.guided():
+            return self._split_forward(args, kwargs)  # not a 2-branch CFG call
+        return self._guided_call(module, args, kwargs, batch)
+
+    def _guided_call(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+    ) -> Any:
+        """A 2-branch CFG call of ``batch`` rows (one the window may take): a CFG step or a window step."""
+        raise NotImplementedError
 
     def _enter(
         self, step: int, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
@@ -196,12 +219,12 @@ class WindowHook(CFGSplitHook, Generic[E]):
         """Close the previous step's phase, set the call up at its first step (planning is counted in no
         phase), and open this step's phase: ``"cfg"`` or ``"pipeline"``."""
         self._close_phase(time.perf_counter())
-        if step == 0 and self._schedule is None:
+        if step == 0 and self.state.schedule is None:
             self._begin_call(module, args, kwargs, batch)
         now = time.perf_counter()
         phase = self._decide(step)
-        self._phase, self._phase_start = phase, now
-        self.stats.steps[phase] += 1
+        self.state.phase, self.state.phase_start = phase, now
+        self.state.stats.steps[phase] += 1
         return phase
 
     def _branch_inputs(
@@ -217,10 +240,10 @@ class WindowHook(CFGSplitHook, Generic[E]):
         if self._adapter is None:
             self._adapter = adapt(module)
         adapter = self._adapter
-        self._schedule = self.schedule_settings.resolve(adapter.family)
-        self._steps_total = self.num_steps()
-        first = earliest_start(self._schedule)
-        if first is None or (self._steps_total is not None and first > self._steps_total - 1):
+        self.state.schedule = self.schedule_settings.resolve(adapter.family)
+        self.state.steps_total = self.num_steps()
+        first = earliest_start(self.state.schedule)
+        if first is None or (self.state.steps_total is not None and first > self.state.steps_total - 1):
             return  # no window possible in this call: CFG split only, nothing to plan
         b_args, b_kwargs = self._branch_inputs(args, kwargs, batch, self.branch)
         key = shape_key(b_args, b_kwargs)
@@ -230,25 +253,25 @@ class WindowHook(CFGSplitHook, Generic[E]):
             rows = batch // 2
             plan = self.get_plan(adapter, b_args, b_kwargs, rows)
             stages = [list(stage.segments) for stage in plan.stages]
+            wanted = self.comm.layout.window_stages
+            if len(stages) != wanted:
+                raise ValueError(
+                    f"the plan has {len(stages)} stages, but on {self.comm.world_size} devices the window "
+                    f"pipelines each guidance branch over {wanted} stages: make the plan with "
+                    f"devices={wanted} (accel plan ... --devices {wanted})."
+                )
             with torch.no_grad():
                 edges = adapter.trace(*b_args, **b_kwargs)
             device = tensors_of(b_args, b_kwargs)[0].device
             executor = self._make_executor(adapter, stages, edges, device)
             if self.runner is not None:
+                shape = InputShape.of_latents(tensors_of(b_args, b_kwargs)[0], self.vae_scale_factor)
                 executor.compiled.update(
-                    compile_segments(
-                        self.runner,
-                        adapter,
-                        executor.segments,
-                        b_args,
-                        b_kwargs,
-                        batch=rows,
-                        vae_scale_factor=self.vae_scale_factor,
-                    )
+                    compile_segments(self.runner, adapter, executor.segments, b_args, b_kwargs, shape)
                 )
             cached = self._executors[key] = (plan, executor)
-            self.stats.planned_s = time.perf_counter() - start
-        self.plan, self._executor = cached
+            self.state.stats.planned_s = time.perf_counter() - start
+        self.plan, self.state.executor = cached
 
     def _make_executor(
         self,
@@ -257,20 +280,22 @@ class WindowHook(CFGSplitHook, Generic[E]):
         edges: Sequence[TensorEdge],
         device: torch.device,
     ) -> E:
-        """This rank's executor for a plan of ``stages`` (refusing a plan of the wrong stage count)."""
+        """This rank's executor for a plan of ``stages`` (as many as ``comm.layout.window_stages``)."""
         raise NotImplementedError
 
     def _decide(self, step: int) -> str:
-        schedule = self._schedule
-        if schedule is None or self._executor is None:
+        schedule = self.state.schedule
+        if schedule is None or self.state.executor is None:
             return "cfg"
-        if not self._decided:
-            decided = decide_window(schedule, _LazyRates(self._rates, step), step, self._steps_total)
+        if not self.state.decided:
+            decided = decide_window(
+                schedule, _LazyRates(self.state.rates, step), step, self.state.steps_total
+            )
             if decided is not None:
-                self._decided = True
-                self.stats.tau1, self.stats.tau2, window = decided
-                self._window = self.stats.window = self._check_start(window, step)
-        window = self._window
+                self.state.decided = True
+                self.state.stats.tau1, self.state.stats.tau2, window = decided
+                self.state.window = self.state.stats.window = self._check_start(window, step)
+        window = self.state.window
         return "pipeline" if window is not None and window[0] <= step <= window[1] else "cfg"
 
     def _check_start(self, window: tuple[int, int] | None, step: int) -> tuple[int, int] | None:
