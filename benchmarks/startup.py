@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from accel.bench.startup import MODES, StartupCase, save, suite
+from accel.bench.startup import MODES, StartupCase, prepare, save, suite
 
 ARCHES = {"sdxl": "sdxl-base-1.0", "sd3": "sd3-medium"}
 
@@ -43,10 +43,7 @@ def main() -> None:
         )
         subprocess.run([sys.executable, "-c", code], check=True)
         print(f"wrote {folder} in {time.perf_counter() - started:.1f} s", flush=True)
-    if not plan.exists():
-        size = str(args.size)
-        cmd = ["plan", str(folder), "--height", size, "--width", size, "--devices", "1", "-o", str(plan)]
-        subprocess.run([sys.executable, "-m", "accel", *cmd, "--device", args.device], check=True)
+    prepare(folder, plan, size=args.size, device=args.device, log=log)
     case = StartupCase(target=str(plan), plan=str(plan), steps=args.steps)
     # Saved after every mode, so a run cut short still leaves what it measured.
     suite(case, [m for m in args.modes.split(",") if m], work, log, lambda r: save(r, args.output))

@@ -311,3 +311,34 @@ def test_inductor_regional_compiles_repeated_blocks_in_place(monkeypatch: pytest
     assert fn is stage  # blocks are compiled in place; the stage runs as before
     blocks = [m for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert compiled == ["BasicTransformerBlock"] * len(blocks) and blocks
+
+
+def test_a_passed_aot_loader_check_is_remembered(tmp_path, monkeypatch) -> None:
+    """The child-process check costs an interpreter start and a torch import: once it has passed for this
+    interpreter and torch build, later backend instances (later processes) skip it; a failed one is not
+    remembered."""
+    from accel.compile.backends import AOTBackend, loader_check_marker
+
+    monkeypatch.setenv("ACCEL_CACHE_DIR", str(tmp_path / "cache"))
+
+    class Passing(AOTBackend):
+        LOADER_CHECK = "pass"
+
+    class Failing(AOTBackend):
+        LOADER_CHECK = "raise SystemExit('no loader here')"
+
+    package = tmp_path / "stage.pt2"
+    package.write_bytes(b"not read")
+    Passing().check_loader(package, 0)
+    assert loader_check_marker(Passing.LOADER_CHECK).exists()
+    with pytest.raises(BackendError, match="no loader here"):
+        Failing().check_loader(package, 0)
+    assert not loader_check_marker(Failing.LOADER_CHECK).exists()
+
+    def no_child(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a remembered check starts no child process")
+
+    monkeypatch.setattr(backends_mod.subprocess, "run", no_child)
+    Passing().check_loader(package, 0)
+    with pytest.raises(AssertionError, match="no child process"):
+        Failing().check_loader(package, 0)

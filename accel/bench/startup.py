@@ -148,7 +148,7 @@ def suite(
     modes: Sequence[str],
     work: Path,
     log: Path,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[dict[str, Any]], object] | None = None,
 ) -> dict[str, Any]:
     """Export the engines the modes need, then time every mode once, in order, in fresh processes.
 
@@ -173,6 +173,18 @@ def suite(
     if on_progress is not None:
         on_progress(result)
     return result
+
+
+def prepare(folder: Path, plan: Path, *, size: int | None, device: str, log: Path) -> None:
+    """A one-device plan for the model folder at ``plan`` (``accel plan``), unless one is there."""
+    if plan.exists():
+        return
+    cmd = ["plan", str(folder), "--devices", "1", "--device", device, "-o", str(plan)]
+    if size is not None:
+        cmd += ["--height", str(size), "--width", str(size)]
+    _, _, code, out = _timed(_accel(*cmd), dict(os.environ), log)
+    if code != 0:
+        raise RuntimeError(f"accel plan {folder} failed (exit {code}); see {log}.")
 
 
 def markdown(result: dict[str, Any]) -> str:

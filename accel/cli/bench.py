@@ -1,7 +1,8 @@
 """``accel bench``: measure accel.
 
 ``--model sdxl|sd3`` runs the speed suite (configurations A-E, :mod:`accel.bench.speed`), ``--quality``
-the quality suite (:mod:`accel.bench.quality`), ``--report FILE...`` rewrites the speed tables and plot.
+the quality suite (:mod:`accel.bench.quality`), ``--startup FOLDER`` the start-up suite
+(:mod:`accel.bench.startup`), ``--report FILE...`` rewrites the speed tables and plot.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from accel.bench.startup import MODES as STARTUP_MODES
+
 DEFAULT_QUALITY_OUTPUT = Path("docs/benchmarks/quality")
-SUITES = ("--model sdxl|sd3 (speed)", "--quality", "--report FILE.json ...")
+SUITES = ("--model sdxl|sd3 (speed)", "--quality", "--startup FOLDER", "--report FILE.json ...")
 
 
 def bench(
@@ -61,12 +64,30 @@ def bench(
     report_files: list[Path] = typer.Option(
         None, "--report", help="Rewrite README.md and latency.png beside these speed-suite JSON files."
     ),
+    startup: Path = typer.Option(
+        None,
+        "--startup",
+        help="Start-up suite: time `accel run FOLDER --devices 1` from process start to the first image "
+        "written, per mode; writes OUTPUT.json, .md and .png (default OUTPUT accel-startup).",
+    ),
+    startup_modes: str = typer.Option(
+        ",".join(STARTUP_MODES), "--modes", help=f"Start-up suite: subset of {','.join(STARTUP_MODES)}."
+    ),
+    work: Path = typer.Option(
+        None,
+        "--work",
+        help="Start-up suite: folder for the plan, engines and images (default: a temp folder).",
+    ),
 ) -> None:
     """Measure accel: the speed suite (``--model``), the quality suite (``--quality``) or ``--report``."""
     console = Console()
-    chosen = [quality, model is not None, bool(report_files)]
+    chosen = [quality, model is not None, bool(report_files), startup is not None]
     if sum(chosen) != 1:
         raise typer.BadParameter(f"choose one suite: {', '.join(SUITES)}.")
+    if startup is not None:
+        stem = Path("accel-startup") if output == DEFAULT_QUALITY_OUTPUT else output
+        _startup(console, startup, plan, startup_modes, steps, work, stem)
+        return
     if report_files:
         _report(console, report_files)
         return
@@ -116,6 +137,43 @@ def bench(
             )
         console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _startup(
+    console: Console, folder: Path, plan: Path | None, modes: str, steps: int, work: Path | None, stem: Path
+) -> None:
+    import tempfile
+
+    from accel.bench.startup import StartupCase, prepare, save, suite
+
+    chosen = [m for m in modes.split(",") if m]
+    unknown = sorted(set(chosen) - set(STARTUP_MODES))
+    if unknown:
+        raise typer.BadParameter(f"--modes {', '.join(unknown)}: choose from {', '.join(STARTUP_MODES)}.")
+    work = work if work is not None else Path(tempfile.mkdtemp(prefix="accel-startup-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "startup.log"
+    on_gpu = _has_cuda()
+    if plan is None and set(chosen) & {"inductor", "aot", "inductor-cold"}:
+        plan = work / "plan.json"
+        with console.status(f"accel plan {folder} --devices 1 ..."):
+            prepare(folder, plan, size=None, device="cuda" if on_gpu else "cpu", log=log)
+    case = StartupCase(
+        target=str(plan if plan is not None else folder),
+        plan=str(plan) if plan is not None else None,
+        steps=steps,
+        precision="fp16" if on_gpu else None,
+    )
+    with console.status(f"timing start-up: {', '.join(chosen)} (log: {log}) ..."):
+        suite(case, chosen, work, log, lambda r: save(r, stem))
+    console.print(Path(stem).with_suffix(".md").read_text(), markup=False, highlight=False)
+    console.print(f"wrote {stem}.json, .md, .png", highlight=False)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _speed(

@@ -17,6 +17,7 @@ adds checksums, fingerprints and version checks on top.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 import weakref
 from abc import ABC, abstractmethod
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 
 from accel.atomic import atomic_path, write_text_atomic
-from accel.compile.cxxruntime import share_libstdcxx
+from accel.compile.cxxruntime import loaded_libstdcxx, share_libstdcxx
 from accel.errors import AccelError
 
 logger = logging.getLogger(__name__)
@@ -226,9 +228,8 @@ class AOTBackend(Backend):
 
     #: Child-process check of torch's package loader before the first CUDA load (see ``check_loader``).
     LOADER_CHECK = (
-        "import sys, torch._inductor; from accel.compile.cxxruntime import share_libstdcxx; "
-        "share_libstdcxx(); i = int(sys.argv[2]); "
-        "torch._inductor.aoti_load_package(sys.argv[1], **({'device_index': i} if i >= 0 else {}))"
+        "import sys; from accel.compile.backends import load_aoti_package; "
+        "load_aoti_package(sys.argv[1], int(sys.argv[2]))"
     )
 
     def __init__(self) -> None:
@@ -240,11 +241,17 @@ class AOTBackend(Backend):
         package); ``BackendError`` if that fails or crashes.
 
         Some CUDA builds of torch crash (SIGSEGV) inside AOTInductor's package loader for every package
-        (torch 2.11.0+cu130 on our GPU host). In this process that would kill the rank with no message;
-        checked in a child first, it is an error that names the cause and the fix. The outcome is kept
-        for this backend instance: the loader either works on this machine or it does not.
+        (torch 2.11.0+cu130 on our GPU host without :mod:`accel.compile.cxxruntime`). In this process that
+        would kill the rank with no message; checked in a child first, it is an error that names the cause
+        and the fix. The outcome is kept for this backend instance, and a passed check is remembered in
+        accel's cache folder (:func:`loader_check_marker`) so later processes of the same interpreter and
+        torch build skip the child (it costs a second interpreter start and torch import).
         """
+        marker = loader_check_marker(self.LOADER_CHECK)
+        if not self._loader_checked and marker.exists():
+            self._loader_checked = True
         if not self._loader_checked:
+            started = time.perf_counter()
             cmd = [sys.executable, "-c", self.LOADER_CHECK, str(path), str(device_index)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -259,7 +266,10 @@ class AOTBackend(Backend):
                     "--backend inductor (accel export PLAN --backend inductor) instead; see "
                     "docs/troubleshooting.md."
                 )
+            else:
+                _remember(marker)
             self._loader_checked = True
+            logger.info("aot loader check in a child process: %.1f s", time.perf_counter() - started)
         if self._loader_problem is not None:
             raise BackendError(self._loader_problem)
 
@@ -294,24 +304,65 @@ class AOTBackend(Backend):
         return Path(path)
 
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
-        import torch._inductor
-
         if module is None:
             raise BackendError(f"{path}: an aot package holds no weights; load it with module=<the stage>")
-        share_libstdcxx()  # before the package's own library is opened (see accel.compile.cxxruntime)
         device = next((p.device for p in module.parameters()), None)
+        index = -1
         if device is not None and device.type == "cuda":
             # The package names the device it was compiled on; load it onto this rank's device instead.
             index = device.index if device.index is not None else torch.cuda.current_device()
             self.check_loader(path, index)
-            # The single-threaded runner: the default one's model pool synchronises between threads,
-            # which a stream under CUDA-graph capture does not permit; accel calls a stage from one thread.
-            runner = torch._inductor.aoti_load_package(
-                str(path), run_single_threaded=True, device_index=index
-            )
-        else:
-            runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
-        return _BoundPackage(runner, _module_constants(module, runner.get_constant_fqns(), path))
+        started = time.perf_counter()
+        runner = load_aoti_package(path, index)
+        loaded = time.perf_counter()
+        bound = _BoundPackage(runner, _module_constants(module, runner.get_constant_fqns(), path))
+        logger.info(
+            "aot %s: package loaded in %.2f s, weights bound in %.2f s",
+            Path(path).name,
+            loaded - started,
+            time.perf_counter() - loaded,
+        )
+        return bound
+
+
+def load_aoti_package(path: str | os.PathLike[str], device_index: int) -> Any:
+    """Open an AOTInductor package as accel runs it: on CUDA device ``device_index`` (-1: a CPU package),
+    with a single-threaded runner, after sharing the process's C++ runtime.
+
+    The single-threaded runner: the default one's model pool synchronises between threads, which a stream
+    under CUDA-graph capture does not permit, and accel calls a stage from one thread. For a CUDA package
+    the CPU vector ISA is not probed: torch compares it with the package's only to warn, and the probe
+    compiles a test program per ISA the CPU names (over 40 s with a fresh inductor cache on our GPU host).
+    """
+    import torch._inductor
+
+    share_libstdcxx()  # before the package's own library is opened (see accel.compile.cxxruntime)
+    if device_index < 0:
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": True}):
+        return torch._inductor.aoti_load_package(
+            str(path), run_single_threaded=True, device_index=device_index
+        )
+
+
+def loader_check_marker(check: str) -> Path:
+    """Where a passed AOTInductor loader check is remembered: a file in accel's cache folder
+    (``$ACCEL_CACHE_DIR``, else ``$XDG_CACHE_HOME/accel``, else ``~/.cache/accel``) named by a hash of
+    the interpreter, the torch build, the C++ runtime it loaded and the check itself."""
+    base = os.environ.get("ACCEL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "accel"
+    )
+    identity = [sys.executable, torch.__version__, str(torch.version.cuda), loaded_libstdcxx() or "", check]
+    digest = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
+    return Path(base) / f"aot-loader-ok-{digest}"
+
+
+def _remember(marker: Path) -> None:
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError as exc:  # an unwritable cache only costs the check again next time
+        logger.debug("could not write %s: %s", marker, exc)
 
 
 class _BoundPackage:
