@@ -111,7 +111,7 @@ def generate(job: GenerationJob) -> dict[str, Any]:
     import lightning  # noqa: F401  (its import sets its loggers to INFO; quieted below, after it)
 
     # A fresh process: its log format is this worker's to choose, with the rank on every line.
-    rank = os.environ.get("RANK", "?")
+    rank = os.environ.get("RANK", "0")  # unset when this process is the only one
     logging.basicConfig(level=job.log_level, format=f"%(asctime)s rank {rank} %(name)s: %(message)s")
     # Fabric announces every process group at INFO; the run's own summary says what matters.
     for name in ("lightning.fabric", "lightning.pytorch"):

@@ -110,8 +110,22 @@ def launch_function(spec: LaunchSpec, function: Callable[..., Any], *args: Any) 
 
     ``function`` and ``args`` must be picklable (processes are spawned). Returns each of this node's
     workers' return value by global rank; raises :class:`LaunchError` when a worker fails.
+
+    A run of one process in all (one device, one node) calls ``function`` in this process instead: a
+    worker process would start a second interpreter and import torch and diffusers again (seconds of
+    start-up) with no group to coordinate.
     """
+    if spec.world_size == 1:
+        return {0: _call_here(function, args)}
     return _launch(spec, function, list(args))
+
+
+def _call_here(function: Callable[..., Any], args: Sequence[Any]) -> Any:
+    try:
+        return function(*args)
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {str(exc).strip()}"
+        raise LaunchError(f"rank 0 failed: {text}", {0: text}) from exc
 
 
 def launch_script(spec: LaunchSpec, script: str | os.PathLike[str], args: Sequence[str] = ()) -> None:

@@ -106,3 +106,20 @@ def test_two_nodes_on_one_machine(tmp_path) -> None:
     assert node0["images"] == [str(out)] and node1["images"] == []
     assert Image.open(out).size == (128, 128)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two-nodes.png"]
+
+
+def _pid_or_fail(fail: bool) -> int:
+    if fail:
+        raise ValueError("no image for this prompt")
+    return os.getpid()
+
+
+def test_one_process_runs_in_this_process() -> None:
+    """One device on one node needs no second interpreter: the function runs here, and its failure is the
+    same LaunchError a worker's would be."""
+    from accel.launch import LaunchError, launch_function
+
+    assert launch_function(LaunchSpec(devices=1), _pid_or_fail, False) == {0: os.getpid()}
+    with pytest.raises(LaunchError, match="rank 0 failed: ValueError: no image for this prompt") as info:
+        launch_function(LaunchSpec(devices=1), _pid_or_fail, True)
+    assert info.value.failures == {0: "ValueError: no image for this prompt"}
