@@ -208,3 +208,16 @@ def test_other_weights_are_reported_not_refused_where_the_backend_binds_them(tmp
     assert store.problems(KEY, "eager", other_graph, INPUTS) == [
         "the stage's graph differs (other model structure, unit range or fixed arguments)"
     ]
+
+
+def test_other_weights_are_refused_for_engines_that_did_not_record_binding_them(tmp_path: Path) -> None:
+    """An engine whose manifest entry does not say that it binds every weight at load (written by an
+    earlier accel, whose aot packages could hold small weights inline) is used only with its own weights."""
+    store = EngineStore(tmp_path / "engines")
+    store.export(KEY, "eager", _module(), INPUTS)
+    manifest = json.loads(store.manifest_path.read_text())
+    manifest["engines"][KEY]["extra"] = {}
+    store.manifest_path.write_text(json.dumps(manifest))
+    assert store.problems(KEY, "eager", _module(), INPUTS) == []
+    [problem] = store.problems(KEY, "eager", _module(seed=1), INPUTS)
+    assert problem.startswith("built for other weights") and "exported by an earlier accel" in problem

@@ -40,15 +40,6 @@ def _backend_version(name: str) -> str | None:
         return None
 
 
-def _binds_weights(backend: str) -> bool | None:
-    from accel.compile.backends import get_backend
-
-    try:
-        return get_backend(backend).binds_weights
-    except ValueError:  # a backend this accel does not know
-        return None
-
-
 def model_weights(source: Any, records: dict[str, Any]) -> dict[str, str]:
     """The weights fingerprint each engine (by key) would see with the model ``source``
     (an :class:`accel.source.ModelSource`), computed as ``accel export`` does: the denoiser in the
@@ -98,8 +89,9 @@ def _engine_dtype(record: Any) -> Any:
 
 def _weights_entry(record: Any, current: str | None) -> dict[str, Any]:
     """How an engine holds its weights, and whether it serves a model whose fingerprint is ``current``."""
-    binds = _binds_weights(record.backend)
-    held = "bound at load" if binds else "baked in"
+    from accel.compile.store import binds_weights
+
+    held = "bound at load" if binds_weights(record) else "baked in"
     entry: dict[str, Any] = {
         "weights": held,
         "weights_fingerprint": record.weights_fingerprint,

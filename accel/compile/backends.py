@@ -298,7 +298,10 @@ class AOTBackend(Backend):
         import torch._inductor
 
         program = self._exported(module, example_inputs)
-        configs = {"aot_inductor.package_constants_in_so": False}
+        # Every weight stays a constant bound at load: by default inductor inlines 1-d tensors of up to 8
+        # values (biases and norm weights of narrow layers) into the generated code, which would then
+        # keep the exported values whatever weights the package is bound to.
+        configs = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
         with atomic_path(path, suffix=".pt2") as tmp:  # AOTInductor wants a .pt2 name
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
         return Path(path)

@@ -111,15 +111,17 @@ class StaleWeightsError(BackendError):
 
 
 class BoundWeights:
-    """The parameters and buffers a compiled stage was bound to, to find the ones replaced since.
+    """The parameters, buffers and submodules of a module as they are now, to find what was replaced since.
 
-    ``replaced()`` compares each slot's current tensor object and storage pointer with the bound ones
-    (no device access, no host synchronisation). With ``track_edits`` it also compares the tensors'
-    version counters, which in-place edits bump: for engines that hold their own copy of the weights.
+    :meth:`changed` compares each slot's current tensor object with the recorded one and, with
+    ``storage``, its storage pointer (``param.data = ...`` keeps the object); with ``edits``, also the
+    tensors' version counters, which in-place edits bump (for engines that hold their own copy of the
+    weights). No device access, no host synchronisation.
     """
 
-    def __init__(self, module: torch.nn.Module, *, track_edits: bool = False) -> None:
-        self.track_edits = track_edits
+    def __init__(self, module: torch.nn.Module, *, storage: bool = True, edits: bool = False) -> None:
+        self.storage = storage
+        self.edits = edits
         self._tables: list[dict[str, Any]] = []
         self._names: list[str] = []
         self._paths: list[str] = []
@@ -140,8 +142,8 @@ class BoundWeights:
             for name, child in sub._modules.items()
         ]
         self._specs = [(t.shape, t.dtype, t.device) for t in self._tensors]
-        self._pointers = self._data_pointers()
-        self._versions = self._version_counters() if track_edits else []
+        self._pointers = self._data_pointers() if storage else []
+        self._versions = self._version_counters() if edits else []
 
     def _data_pointers(self) -> list[int]:
         return list(map(torch.Tensor.data_ptr, self._tensors))
@@ -149,32 +151,30 @@ class BoundWeights:
     def _version_counters(self) -> list[int]:
         return [t._version for t in self._tensors]
 
-    def replaced(self) -> list[str]:
-        """Names of the tensors replaced (or, with ``track_edits``, edited) since binding; empty if none."""
+    def changed(self) -> list[str]:
+        """Names of what was replaced (or, with ``edits``, edited) since recording; empty if nothing."""
         current = list(map(dict.get, self._tables, self._names))
         same = all(map(operator.is_, current, self._tensors))
         same = same and all(operator.is_(table.get(name), child) for table, name, child in self._children)
-        same = same and self._data_pointers() == self._pointers
-        same = same and (not self.track_edits or self._version_counters() == self._versions)
+        same = same and (not self.storage or self._data_pointers() == self._pointers)
+        same = same and (not self.edits or self._version_counters() == self._versions)
         if same:
             return []
         changed = [
             path
-            for path, now, then, pointer in zip(
-                self._paths, current, self._tensors, self._pointers, strict=True
-            )
-            if now is not then or then.data_ptr() != pointer
+            for path, now, then in zip(self._paths, current, self._tensors, strict=True)
+            if now is not then
         ]
-        if self.track_edits:
-            changed += [
-                p
-                for p, t, v in zip(self._paths, self._tensors, self._versions, strict=True)
-                if t._version != v
-            ]
-        moved = [
+        if self.storage:
+            pointers = zip(self._paths, self._tensors, self._pointers, strict=True)
+            changed += [path for path, tensor, pointer in pointers if tensor.data_ptr() != pointer]
+        if self.edits:
+            versions = zip(self._paths, self._tensors, self._versions, strict=True)
+            changed += [path for path, tensor, version in versions if tensor._version != version]
+        changed += [
             f"{name} (submodule)" for table, name, child in self._children if table.get(name) is not child
         ]
-        return list(dict.fromkeys(changed + moved)) or ["(unknown)"]
+        return list(dict.fromkeys(changed))
 
     def graph_changes(self, module: torch.nn.Module) -> list[str]:
         """What in ``module`` now differs from the bound tensors in a way the compiled graph cannot take:
@@ -277,8 +277,9 @@ class StageRunner:
             fn = CUDAGraphCallable(fn, key)
         self._callables[memo] = fn
         if how != "eager":
-            track = not self.backend.binds_weights
-            self._bound[memo] = _Bound(key, module, fn, BoundWeights(module, track_edits=track))
+            # Engines holding their own weights cannot follow in-place edits either: watch those too.
+            watch = BoundWeights(module, edits=not self.backend.binds_weights)
+            self._bound[memo] = _Bound(key, module, fn, watch)
         self.counts.seconds += time.perf_counter() - started
         log.info("stage %s: %s (backend %s)", key, how, self.backend.name)
         return fn
@@ -291,7 +292,7 @@ class StageRunner:
         hold their own copy of the weights (then in-place edits count too).
         """
         for bound in self._bound.values():
-            replaced = bound.weights.replaced()
+            replaced = bound.weights.changed()
             if not replaced:
                 continue
             named = ", ".join(replaced[:3]) + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else "")
@@ -311,7 +312,7 @@ class StageRunner:
             rebind = getattr(bound.fn, "rebind", None)
             if rebind is not None:
                 rebind(bound.module)
-            bound.weights = BoundWeights(bound.module, track_edits=bound.weights.track_edits)
+            bound.weights = BoundWeights(bound.module, edits=bound.weights.edits)
             self.counts.rebound += 1
             log.warning(
                 "stage %s: weights replaced (%s); bound the stage to the new tensors", bound.key, named

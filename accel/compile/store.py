@@ -102,6 +102,21 @@ class EngineCheck:
         return not self.problems
 
 
+#: ``extra[WEIGHTS] == BOUND``: the engine reads the module's own weights when it runs (see ``binds_weights``).
+WEIGHTS = "weights"
+BOUND = "bound at load"
+
+
+def binds_weights(record: EngineRecord) -> bool:
+    """Whether the engine serves any weights of its graph: its backend binds the module's own weights at
+    load, and the export recorded so (engines written before that was recorded may hold some weights)."""
+    try:
+        backend_binds = get_backend(record.backend).binds_weights
+    except ValueError:  # a backend this accel does not know
+        return False
+    return backend_binds and record.extra.get(WEIGHTS) == BOUND
+
+
 # -- identities ---------------------------------------------------------------------------------------
 def input_specs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
     """Name, shape and dtype of every input (names from the stage module when it has them)."""
@@ -268,10 +283,15 @@ class EngineStore:
                 f"built for other weights (weights fingerprint differs: built {record.weights_fingerprint}, "
                 f"now {want['weights_fingerprint']})"
             )
-            if impl.binds_weights:
+            if binds_weights(record):
                 notes.append(
                     f"{weights}; a {impl.name} engine reads the module's own weights when it runs, so it "
                     "serves these without recompiling"
+                )
+            elif impl.binds_weights:
+                problems.append(
+                    f"{weights}; this {impl.name} engine was exported by an earlier accel, which did not keep "
+                    "every weight out of the engine"
                 )
             else:
                 problems.append(f"{weights}; a {impl.name} engine holds its own copy of the weights")
@@ -362,6 +382,7 @@ class EngineStore:
                 sha256=sha256_file(path),
                 size=path.stat().st_size,
                 created=_now(),
+                extra={WEIGHTS: BOUND} if impl.binds_weights else {},
                 **want,
             )
             manifest = self.read_manifest()
