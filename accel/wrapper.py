@@ -79,7 +79,8 @@ class CallReport:
     ``r_i`` per step (NaN for pipelined steps), ``plan_seconds`` spent planning at a new shape.
     ``compiled_stages``/``loaded_stages``/``eager_stages``: stage callables compiled in memory, loaded
     from the engine directory, or left eager after a failure, since wrapping (compiled backends only);
-    ``stage_seconds`` the time spent compiling or loading them, since wrapping.
+    ``stage_seconds`` the time spent compiling or loading them, since wrapping; ``rebound_stages`` how many
+    times a stage was bound to weights replaced after it was compiled or loaded.
     """
 
     rank: int
@@ -102,6 +103,7 @@ class CallReport:
     loaded_stages: int = 0
     eager_stages: int = 0
     stage_seconds: float = 0.0
+    rebound_stages: int = 0
 
 
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
@@ -200,6 +202,9 @@ class AcceleratedPipeline:
             comm.stats.reset()
         start = time.perf_counter()
         try:
+            if self._runner is not None:
+                # Weights replaced since the last call are bound again (or refused), never served stale.
+                self._runner.check_weights()
             output = pipe(*args, **kwargs)
         except BaseException as exc:
             acc.report_failure(exc)
@@ -226,6 +231,7 @@ class AcceleratedPipeline:
                 loaded_stages=counts.loaded,
                 eager_stages=counts.fallbacks,
                 stage_seconds=counts.seconds,
+                rebound_stages=counts.rebound,
             )
         report = CallReport(
             rank=acc.rank,

@@ -115,3 +115,40 @@ def test_every_command_has_help(runner) -> None:
     for command in commands:
         result = runner.invoke(cli.app, [command, "--help"], env={"COLUMNS": "160"})
         assert result.exit_code == 0 and "Usage" in result.output, command
+
+
+def test_inspect_compares_engine_weights_with_a_model(runner, tmp_path) -> None:
+    """Each engine says how it holds weights and which it was built with; against a model, whether that
+    model's weights are the engine's own, and whether the difference is served or refused."""
+    from accel.source import ModelSource
+    from accel.targets import load_denoiser
+
+    model, _ = load_denoiser(ModelSource.demo("sd3"), dtype=torch.float32, device="cpu")
+    store = EngineStore(tmp_path / "engines")
+    store.export("cfg.full.8x8.b1", "eager", model, [torch.randn(1, 4)])
+
+    def report() -> dict:
+        result = runner.invoke(cli.app, ["inspect", str(store.directory), "--demo", "sd3", "--json"])
+        assert result.exit_code == 0, result.output
+        [entry] = json.loads(result.stdout)["engines"]
+        return entry
+
+    entry = report()
+    assert (entry["weights"], entry["same_weights"], entry["notes"]) == ("bound at load", True, [])
+    manifest = json.loads(store.manifest_path.read_text())
+    built = manifest["engines"]["cfg.full.8x8.b1"]
+    built["weights_fingerprint"] = "0123456789abcdef"  # exported from a fine-tune of the same graph
+    store.manifest_path.write_text(json.dumps(manifest))
+    entry = report()
+    assert (entry["same_weights"], entry["weights_fingerprint"], entry["notes"]) == (
+        False,
+        "0123456789abcdef",
+        [],
+    )
+    shown = runner.invoke(cli.app, ["inspect", str(store.directory), "--demo", "sd3"], env={"COLUMNS": "200"})
+    assert "served without recompiling" in " ".join(shown.output.split())
+    built["backend"] = "onnx"  # engines that hold their own weights are refused for other ones
+    store.manifest_path.write_text(json.dumps(manifest))
+    entry = report()
+    assert entry["weights"] == "baked in"
+    assert "built for other weights; a onnx engine holds its own copy of them" in entry["notes"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,3 +191,33 @@ def test_cli_export_writes_engines_and_second_run_exports_nothing(tmp_path: Path
 
     result = runner.invoke(app, ["export", str(plan_file), "--backend", "tvm", "-o", str(out)])
     assert result.exit_code != 0 and "tvm" in result.output
+
+
+def test_other_weights_are_reported_not_refused_where_the_backend_binds_them(tmp_path: Path, caplog) -> None:
+    """Graph identity and weights identity apart: a backend that reads the module's own weights when it
+    runs serves other weights of the same graph (reported), while a graph change is still refused."""
+    store = EngineStore(tmp_path / "engines")
+    store.export(KEY, "eager", _module(), INPUTS)
+    found = store.check(KEY, "eager", _module(seed=1), INPUTS)
+    assert found.problems == [] and len(found.notes) == 1
+    assert "built for other weights" in found.notes[0] and "without recompiling" in found.notes[0]
+    with caplog.at_level(logging.WARNING, logger="accel.compile.store"):
+        assert store.validate(KEY, "eager", _module(seed=1), INPUTS).key == KEY
+    assert "built for other weights" in caplog.text
+    other_graph = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    assert store.problems(KEY, "eager", other_graph, INPUTS) == [
+        "the stage's graph differs (other model structure, unit range or fixed arguments)"
+    ]
+
+
+def test_other_weights_are_refused_for_engines_that_did_not_record_binding_them(tmp_path: Path) -> None:
+    """An engine whose manifest entry does not say that it binds every weight at load (written by an
+    earlier accel, whose aot packages could hold small weights inline) is used only with its own weights."""
+    store = EngineStore(tmp_path / "engines")
+    store.export(KEY, "eager", _module(), INPUTS)
+    manifest = json.loads(store.manifest_path.read_text())
+    manifest["engines"][KEY]["extra"] = {}
+    store.manifest_path.write_text(json.dumps(manifest))
+    assert store.problems(KEY, "eager", _module(), INPUTS) == []
+    [problem] = store.problems(KEY, "eager", _module(seed=1), INPUTS)
+    assert problem.startswith("built for other weights") and "exported by an earlier accel" in problem

@@ -40,11 +40,77 @@ def _backend_version(name: str) -> str | None:
         return None
 
 
-def inspect_engines(directory: Path) -> dict[str, Any]:
+def model_weights(source: Any, records: dict[str, Any]) -> dict[str, str]:
+    """The weights fingerprint each engine (by key) would see with the model ``source``
+    (an :class:`accel.source.ModelSource`), computed as ``accel export`` does: the denoiser in the
+    dtype its engines were built for, the VAE decoder in the dtype of its engine."""
+    import copy
+
+    import torch
+
+    from accel.compile.stage import DecoderStage
+    from accel.plan import weights_fingerprint
+    from accel.settings import PRECISIONS
+    from accel.targets import load_components
+
+    dtypes = {key: _engine_dtype(record) for key, record in records.items()}
+    first = next((d for k, d in dtypes.items() if not k.startswith(DECODER_PREFIX)), None)
+    model, _, vae = load_components(source, dtype=first or PRECISIONS["fp32"], device="cpu", vae=True)
+    found: dict[str, str] = {}
+    seen: dict[tuple[bool, torch.dtype | None], str] = {}
+    for key, dtype in dtypes.items():
+        decoder = key.startswith(DECODER_PREFIX)
+        if (decoder, dtype) not in seen:
+            if decoder:
+                if vae is None:
+                    continue
+                target: torch.nn.Module = DecoderStage(copy.deepcopy(vae.decoder).to(dtype))
+            else:
+                target = model if dtype in (None, first) else copy.deepcopy(model).to(dtype)
+            seen[(decoder, dtype)] = weights_fingerprint(target)
+        found[key] = seen[(decoder, dtype)]
+    return found
+
+
+#: Engine keys of the VAE decoder (:func:`accel.compile.engines.decoder_key`).
+DECODER_PREFIX = "vae.decoder."
+
+
+def _engine_dtype(record: Any) -> Any:
+    """The floating dtype of an engine's inputs (what its stage's weights were cast to)."""
+    import torch
+
+    for spec in record.inputs:
+        dtype = getattr(torch, str(spec.get("dtype")), None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    return None
+
+
+def _weights_entry(record: Any, current: str | None) -> dict[str, Any]:
+    """How an engine holds its weights, and whether it serves a model whose fingerprint is ``current``."""
+    from accel.compile.store import binds_weights
+
+    held = "bound at load" if binds_weights(record) else "baked in"
+    entry: dict[str, Any] = {
+        "weights": held,
+        "weights_fingerprint": record.weights_fingerprint,
+        "graph_fingerprint": record.graph_fingerprint,
+    }
+    if current is not None:
+        entry["model_weights_fingerprint"] = current
+        entry["same_weights"] = current == record.weights_fingerprint
+    return entry
+
+
+def inspect_engines(directory: Path, weights: dict[str, str] | None = None) -> dict[str, Any]:
     """Every manifest entry of an engine directory with its file's integrity and fit for this machine.
 
     ``valid`` is False when the manifest is unreadable or any file is missing, truncated or edited
-    (sha256). ``notes`` list what would make ``accel run`` refuse an entry here (versions, GPU).
+    (sha256). ``notes`` list what would make ``accel run`` refuse an entry here (versions, GPU, and, given
+    a model's ``weights`` fingerprints by key (:func:`model_weights`), other weights baked into the
+    engine). Each entry says how it holds weights (``"bound at load"``: a fine-tune of the same graph
+    reuses it; ``"baked in"``) and which weights it was built with.
     """
     from accel.compile.store import LOCK, MANIFEST, EngineError, EngineRecord, EngineStore, sha256_file
 
@@ -67,6 +133,10 @@ def inspect_engines(directory: Path) -> dict[str, Any]:
         except (EngineError, TypeError) as exc:
             entries.append({"key": key, "problems": [str(exc)], "notes": []})
             continue
+        held = _weights_entry(record, (weights or {}).get(key))
+        notes = _fit_notes(record, here)
+        if held.get("same_weights") is False and held["weights"] == "baked in":
+            notes.append(f"built for other weights; a {record.backend} engine holds its own copy of them")
         entries.append(
             {
                 "key": key,
@@ -78,8 +148,9 @@ def inspect_engines(directory: Path) -> dict[str, Any]:
                 "versions": record.versions,
                 "inputs": record.inputs,
                 "created": record.created,
+                **held,
                 "problems": _file_problems(directory, record, sha256_file),
-                "notes": _fit_notes(record, here),
+                "notes": notes,
             }
         )
     listed = {e.get("file") for e in entries}
@@ -125,9 +196,23 @@ def _fit_notes(record: Any, here: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _weights_cell(entry: dict[str, Any]) -> str:
+    """``<fingerprint> (bound at load)``, and against a given model: same / other, served or refused."""
+    if "weights" not in entry:
+        return ""
+    cell = f"{entry['weights_fingerprint']} ({entry['weights']})"
+    same = entry.get("same_weights")
+    if same is True:
+        cell += ", same as the model"
+    elif same is False:
+        served = "served without recompiling" if entry["weights"] == "bound at load" else "refused"
+        cell += f", the model's are {entry['model_weights_fingerprint']}: {served}"
+    return escape(cell)
+
+
 def _print_engines(console: Console, info: dict[str, Any]) -> None:
     table = Table(title=f"engines in {info['directory']} (manifest format {info.get('format')})")
-    for column in ("key", "backend", "MB", "device", "integrity", "fits here"):
+    for column in ("key", "backend", "MB", "device", "weights", "integrity", "fits here"):
         table.add_column(column, overflow="fold")
     for e in info["engines"]:
         device = e.get("compute_capability") or e.get("device_type") or ""
@@ -138,6 +223,7 @@ def _print_engines(console: Console, info: dict[str, Any]) -> None:
             e.get("backend", ""),
             f"{e.get('size', 0) / 1e6:.1f}",
             device,
+            _weights_cell(e),
             state,
             fits,
         )
@@ -161,9 +247,18 @@ def inspect(
         ..., help="A plan file (`accel plan`) or an engine directory (`accel export`).", show_default=False
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the plan or the engine report as JSON."),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="Compare an engine directory's weights with this model's (a diffusers folder or hub id).",
+    ),
+    demo: str = typer.Option(None, "--demo", help="Compare an engine directory's weights with a demo's."),
 ) -> None:
     """Show a plan's stages, costs and boundary tensors, or an engine directory's entries and checksums.
 
+    For engines: how each holds its weights ("bound at load": a fine-tune or fused LoRA of the same
+    architecture reuses it without recompiling; "baked in": only the weights it was built with) and
+    their fingerprint; with --model or --demo, whether that model's weights are the engines' own.
     Exits 1 when the plan fails validation, or when the engine manifest is unreadable or a file is
     missing, truncated or edited.
     """
@@ -180,7 +275,7 @@ def inspect(
                 highlight=False,
             )
             raise typer.Exit(1)
-        info = inspect_engines(path)
+        info = inspect_engines(path, _weights_of(errors, path, model, demo))
         if as_json:
             typer.echo(json.dumps(info, indent=2))
         elif "error" in info:
@@ -218,3 +313,21 @@ def inspect(
             markup=False,
             highlight=False,
         )
+
+
+def _weights_of(
+    errors: Console, directory: Path, model: str | None, demo: str | None
+) -> dict[str, str] | None:
+    """The weights fingerprints of ``--model``/``--demo`` for the engines of ``directory`` (None: neither)."""
+    if model is None and demo is None:
+        return None
+    from accel.compile.store import EngineError, EngineStore
+    from accel.errors import AccelError
+    from accel.source import ModelSource
+
+    try:
+        source = ModelSource.choose(model, demo, None)
+        return model_weights(source, EngineStore(directory).records())
+    except (AccelError, EngineError, OSError) as exc:
+        errors.print(f"[red]invalid:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from exc

@@ -80,6 +80,10 @@ class Backend(ABC):
     suffix: str = ".bin"
     #: True when ``load`` needs the stage module (the file holds no weights / no graph)
     needs_module: bool = False
+    #: True when the callable reads the module's own parameters and buffers when it runs (the engine file
+    #: holds code only): other weights of the same graph are served without recompiling, and a weight
+    #: edited in place is seen by the next call. False: the engine holds its own copy of the weights.
+    binds_weights: bool = False
 
     def available(self) -> str | None:
         """``None`` when the backend can be used here; otherwise the reason and the fix."""
@@ -120,6 +124,7 @@ class EagerBackend(Backend):
     name = "eager"
     suffix = ".json"
     needs_module = True
+    binds_weights = True
 
     def compile(
         self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
@@ -153,6 +158,7 @@ class InductorBackend(Backend):
     name = "inductor"
     suffix = ".inductor"
     needs_module = True
+    binds_weights = True
 
     def __init__(self, mode: str | None = None, regional: bool = False) -> None:
         self.mode = mode
@@ -219,12 +225,16 @@ class AOTBackend(Backend):
 
     Packages hold the generated code only, not the weights: at load, the compiled model is bound to the
     live module's parameters and buffers (the same memory, no copy). An SDXL U-Net's weights would
-    otherwise sit twice on the GPU and make every package 5 GB; the engine store still records the
-    weights' fingerprint, so a package is only used with the weights it was exported for.
+    otherwise sit twice on the GPU and make every package 5 GB. A package therefore serves any weights
+    of the graph it was compiled for (a fine-tune, a fused LoRA): the engine store records the weights'
+    fingerprint to report a difference, not to refuse it. Weights edited in place are seen by the next
+    call (same memory); tensors replaced after loading are bound again with ``rebind``.
     """
 
     name = "aot"
     suffix = ".pt2"
+    needs_module = True
+    binds_weights = True
 
     #: Child-process check of torch's package loader before the first CUDA load (see ``check_loader``).
     LOADER_CHECK = (
@@ -298,7 +308,10 @@ class AOTBackend(Backend):
         import torch._inductor
 
         program = self._exported(module, example_inputs)
-        configs = {"aot_inductor.package_constants_in_so": False}
+        # Every weight stays a constant bound at load: by default inductor inlines 1-d tensors of up to 8
+        # values (biases and norm weights of narrow layers) into the generated code, which would then
+        # keep the exported values whatever weights the package is bound to.
+        configs = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
         with atomic_path(path, suffix=".pt2") as tmp:  # AOTInductor wants a .pt2 name
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
         return Path(path)
@@ -315,7 +328,7 @@ class AOTBackend(Backend):
         started = time.perf_counter()
         runner = load_aoti_package(path, index)
         loaded = time.perf_counter()
-        bound = _BoundPackage(runner, _module_constants(module, runner.get_constant_fqns(), path))
+        bound = _BoundPackage(runner, module, path)
         logger.info(
             "aot %s: package loaded in %.2f s, weights bound in %.2f s",
             Path(path).name,
@@ -369,9 +382,21 @@ class _BoundPackage:
     """An AOTInductor model bound to the stage's own tensors (``user_managed``: it reads them through raw
     pointers, so this object holds them for as long as the model can run)."""
 
-    def __init__(self, runner: Any, constants: dict[str, torch.Tensor]) -> None:
-        runner.load_constants(constants, check_full_update=True, user_managed=True)
+    def __init__(self, runner: Any, module: torch.nn.Module, path: str | os.PathLike[str]) -> None:
         self._runner = runner
+        self._names = list(runner.get_constant_fqns())
+        self._path = path
+        self._constants: dict[str, torch.Tensor] = {}
+        self.rebind(module)
+
+    def rebind(self, module: torch.nn.Module) -> None:
+        """Point the model at ``module``'s current tensors (after parameters were replaced by new ones).
+
+        The raw pointers are taken as they are: a replacement of another shape or dtype is a graph change,
+        which the caller refuses before asking for this.
+        """
+        constants = _module_constants(module, self._names, self._path)
+        self._runner.load_constants(constants, check_full_update=True, user_managed=True)
         self._constants = constants
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -7,13 +7,24 @@ per-stage fallback of :func:`accel.compile.backends.compile_stage`. On CUDA, eve
 (not ``eager``, not ``onnx``) is replayed as a CUDA graph (:class:`CUDAGraphCallable`): at batch 1 the
 denoiser is bound by kernel-launch overhead, which graph replay removes.
 
-Counters (``compiled``, ``loaded``, ``fallbacks``) say what happened, so that tests and reports can check
-that a run from an engine directory compiled nothing.
+Counters (``compiled``, ``loaded``, ``fallbacks``, ``rebound``) say what happened, so that tests and
+reports can check that a run from an engine directory compiled nothing.
+
+Compiled stages read the module's weights through what they were bound to: a captured CUDA graph and an
+AOTInductor package hold raw pointers, an onnx or TensorRT engine its own copy. Weights edited in place
+keep their memory and are seen by the next call. Weights replaced by new tensors after binding
+(``load_state_dict(..., assign=True)``, ``fuse_lora()`` on some versions, ``module.weight =
+nn.Parameter(...)``, ``param.data = ...``) would be served stale: :meth:`StageRunner.check_weights`
+(called before every pipeline call) finds them by identity and storage pointer, with no host
+synchronisation, and binds the stage to the new tensors (an aot package loads its constants again, a CUDA
+graph is captured again; no recompilation), or refuses with :class:`StaleWeightsError` when the
+replacement changes the graph (other shape, dtype or device) or the backend holds its own weights.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import time
 import warnings
 from collections.abc import Sequence
@@ -47,6 +58,14 @@ class CUDAGraphCallable:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_inputs: tuple[torch.Tensor, ...] = ()
         self.static_outputs: tuple[torch.Tensor, ...] = ()
+
+    def rebind(self, module: torch.nn.Module) -> None:
+        """Bind the wrapped callable to ``module``'s current tensors; the graph is captured again on the
+        next call (it recorded the old tensors' addresses)."""
+        rebind = getattr(self.fn, "rebind", None)
+        if rebind is not None:
+            rebind(module)
+        self.graph = None
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.graph is None:
@@ -87,14 +106,113 @@ class CUDAGraphCallable:
         log.info("stage %s: captured as a CUDA graph on %s", self.name, device)
 
 
+class StaleWeightsError(BackendError):
+    """Weights a compiled stage was bound to were replaced, and the stage cannot be bound to the new ones."""
+
+
+class BoundWeights:
+    """The parameters, buffers and submodules of a module as they are now, to find what was replaced since.
+
+    :meth:`changed` compares each slot's current tensor object with the recorded one and, with
+    ``storage``, its storage pointer (``param.data = ...`` keeps the object); with ``edits``, also the
+    tensors' version counters, which in-place edits bump (for engines that hold their own copy of the
+    weights). No device access, no host synchronisation.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, storage: bool = True, edits: bool = False) -> None:
+        self.storage = storage
+        self.edits = edits
+        self._tables: list[dict[str, Any]] = []
+        self._names: list[str] = []
+        self._paths: list[str] = []
+        self._tensors: list[torch.Tensor] = []
+        for prefix, sub in module.named_modules():
+            for table in (sub._parameters, sub._buffers):
+                for name, tensor in table.items():
+                    if tensor is not None:
+                        self._tables.append(table)
+                        self._names.append(name)
+                        self._paths.append(f"{prefix}.{name}" if prefix else name)
+                        self._tensors.append(tensor)
+        # Submodules too: a module swapped for another (say, an adapter wrapping a layer) leaves the old
+        # module's parameter table as it was.
+        self._children = [
+            (sub._modules, name, child)
+            for _, sub in module.named_modules()
+            for name, child in sub._modules.items()
+        ]
+        self._specs = [(t.shape, t.dtype, t.device) for t in self._tensors]
+        self._pointers = self._data_pointers() if storage else []
+        self._versions = self._version_counters() if edits else []
+
+    def _data_pointers(self) -> list[int]:
+        return list(map(torch.Tensor.data_ptr, self._tensors))
+
+    def _version_counters(self) -> list[int]:
+        return [t._version for t in self._tensors]
+
+    def changed(self) -> list[str]:
+        """Names of what was replaced (or, with ``edits``, edited) since recording; empty if nothing."""
+        current = list(map(dict.get, self._tables, self._names))
+        same = all(map(operator.is_, current, self._tensors))
+        same = same and all(operator.is_(table.get(name), child) for table, name, child in self._children)
+        same = same and (not self.storage or self._data_pointers() == self._pointers)
+        same = same and (not self.edits or self._version_counters() == self._versions)
+        if same:
+            return []
+        changed = [
+            path
+            for path, now, then in zip(self._paths, current, self._tensors, strict=True)
+            if now is not then
+        ]
+        if self.storage:
+            pointers = zip(self._paths, self._tensors, self._pointers, strict=True)
+            changed += [path for path, tensor, pointer in pointers if tensor.data_ptr() != pointer]
+        if self.edits:
+            versions = zip(self._paths, self._tensors, self._versions, strict=True)
+            changed += [path for path, tensor, version in versions if tensor._version != version]
+        changed += [
+            f"{name} (submodule)" for table, name, child in self._children if table.get(name) is not child
+        ]
+        return list(dict.fromkeys(changed))
+
+    def graph_changes(self, module: torch.nn.Module) -> list[str]:
+        """What in ``module`` now differs from the bound tensors in a way the compiled graph cannot take:
+        tensors gone, added, or of another shape, dtype or device."""
+        now: dict[str, torch.Tensor] = dict(module.named_parameters())
+        now.update(module.named_buffers())
+        changes = [f"{p} is gone" for p in self._paths if p not in now]
+        known = set(self._paths)
+        changes += [f"{p} is new" for p in now if p not in known]
+        for path, (shape, dtype, device) in zip(self._paths, self._specs, strict=True):
+            tensor = now.get(path)
+            if tensor is not None and (tensor.shape, tensor.dtype, tensor.device) != (shape, dtype, device):
+                changes.append(
+                    f"{path} was {list(shape)} {dtype} on {device}, now {list(tensor.shape)} {tensor.dtype} "
+                    f"on {tensor.device}"
+                )
+        return changes
+
+
+@dataclass
+class _Bound:
+    """A stage callable with the module and weights it is bound to."""
+
+    key: str
+    module: torch.nn.Module
+    fn: StageCallable
+    weights: BoundWeights
+
+
 @dataclass
 class RunnerCounts:
-    """What a :class:`StageRunner` did: stages compiled in memory, loaded from engines, run eagerly, and
-    the seconds spent compiling or loading them."""
+    """What a :class:`StageRunner` did: stages compiled in memory, loaded from engines, run eagerly,
+    bound again to replaced weights, and the seconds spent compiling or loading them."""
 
     compiled: int = 0
     loaded: int = 0
     fallbacks: int = 0
+    rebound: int = 0
     seconds: float = 0.0
 
 
@@ -121,7 +239,8 @@ class StageRunner:
         self.strict = strict
         self.cuda_graphs = cuda_graphs
         self.counts = RunnerCounts()
-        self._callables: dict[str, StageCallable] = {}
+        self._callables: dict[Any, StageCallable] = {}
+        self._bound: dict[Any, _Bound] = {}
 
     def get(
         self,
@@ -157,9 +276,47 @@ class StageRunner:
         if self.cuda_graphs and on_cuda and how != "eager" and self.backend.name in GRAPH_BACKENDS:
             fn = CUDAGraphCallable(fn, key)
         self._callables[memo] = fn
+        if how != "eager":
+            # Engines holding their own weights cannot follow in-place edits either: watch those too.
+            watch = BoundWeights(module, edits=not self.backend.binds_weights)
+            self._bound[memo] = _Bound(key, module, fn, watch)
         self.counts.seconds += time.perf_counter() - started
         log.info("stage %s: %s (backend %s)", key, how, self.backend.name)
         return fn
+
+    def check_weights(self) -> None:
+        """Bind every stage whose weights were replaced since it was bound to the new tensors, or refuse.
+
+        Costs one pass over the stages' parameter tables (no device work). Raises
+        :class:`StaleWeightsError` when a replacement changes the graph, or when the backend's engines
+        hold their own copy of the weights (then in-place edits count too).
+        """
+        for bound in self._bound.values():
+            replaced = bound.weights.changed()
+            if not replaced:
+                continue
+            named = ", ".join(replaced[:3]) + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else "")
+            changes = bound.weights.graph_changes(bound.module)
+            if changes:
+                raise StaleWeightsError(
+                    f"stage {bound.key}: its weights were replaced after it was compiled or loaded, and the "
+                    f"new ones change its graph ({'; '.join(changes[:3])}). Wrap the pipeline again "
+                    "(accel.unwrap, then accel.wrap), with engines exported for this model."
+                )
+            if not self.backend.binds_weights:
+                raise StaleWeightsError(
+                    f"stage {bound.key}: weights changed after it was loaded ({named}), and a "
+                    f"{self.backend.name} engine holds its own copy of the weights. Wrap the pipeline again "
+                    "after changing weights, or use a backend that binds them at load (aot, inductor)."
+                )
+            rebind = getattr(bound.fn, "rebind", None)
+            if rebind is not None:
+                rebind(bound.module)
+            bound.weights = BoundWeights(bound.module, edits=bound.weights.edits)
+            self.counts.rebound += 1
+            log.warning(
+                "stage %s: weights replaced (%s); bound the stage to the new tensors", bound.key, named
+            )
 
     def _load(
         self, key: str, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]

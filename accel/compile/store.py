@@ -7,8 +7,16 @@
 Each manifest entry records the backend, the file's sha256 and size, the stage's graph fingerprint
 (structure, parameter shapes and inputs; independent of weight values), the weights fingerprint
 (:func:`accel.plan.weights_fingerprint`), the input shapes/dtypes, the device type and CUDA compute
-capability, and the torch / diffusers / backend versions. :meth:`EngineStore.validate` checks all of
-them before anything is loaded and refuses with every reason; ``rebuild=True`` recompiles instead.
+capability, and the torch / diffusers / backend versions.
+
+Graph identity and weights identity are kept apart. Everything but the weights fingerprint describes the
+compiled graph (structure, shapes, dtypes, device, versions): any difference there is refused. A
+weights difference is refused only for backends that hold their own copy of the weights (``onnx``,
+``tensorrt``); backends that read the module's own parameters when they run (``aot`` packages, which
+hold code only, ``inductor``, ``eager``: :attr:`Backend.binds_weights`) serve a fine-tune or a fused
+LoRA of the same architecture without recompiling, and the difference is reported (a log warning, and
+:meth:`EngineStore.check`'s notes). :meth:`EngineStore.validate` checks all of it before anything is
+loaded and refuses with every reason; ``rebuild=True`` recompiles instead.
 Writes are atomic (temp file + ``os.replace``) and exports hold a file lock (``fcntl.flock``).
 
 Engine files can contain executable code (shared libraries, generated code): load only from a
@@ -23,6 +31,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -43,6 +52,8 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 FORMAT_VERSION = 1
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(AccelError, RuntimeError):
@@ -74,6 +85,36 @@ class EngineRecord:
         if missing:
             raise EngineError(f"manifest entry {data.get('key')!r} lacks {', '.join(missing)}; re-export.")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class EngineCheck:
+    """Whether engine ``key`` fits a stage here: ``problems`` refuse it (graph, environment, file),
+    ``notes`` do not (other weights, for a backend that binds the module's own weights at load)."""
+
+    key: str
+    record: EngineRecord | None
+    problems: list[str]
+    notes: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+#: ``extra[WEIGHTS] == BOUND``: the engine reads the module's own weights when it runs (see ``binds_weights``).
+WEIGHTS = "weights"
+BOUND = "bound at load"
+
+
+def binds_weights(record: EngineRecord) -> bool:
+    """Whether the engine serves any weights of its graph: its backend binds the module's own weights at
+    load, and the export recorded so (engines written before that was recorded may hold some weights)."""
+    try:
+        backend_binds = get_backend(record.backend).binds_weights
+    except ValueError:  # a backend this accel does not know
+        return False
+    return backend_binds and record.extra.get(WEIGHTS) == BOUND
 
 
 # -- identities ---------------------------------------------------------------------------------------
@@ -218,25 +259,42 @@ class EngineStore:
             "versions": versions(backend),
         }
 
-    def problems(
+    def check(
         self,
         key: str,
         backend: str | Backend,
         module: torch.nn.Module,
         example_inputs: Sequence[torch.Tensor],
-    ) -> list[str]:
-        """Every reason the engine ``key`` cannot be used for this stage here (empty: it fits)."""
+    ) -> EngineCheck:
+        """What refuses engine ``key`` for this stage here (``problems``) and what is only reported
+        (``notes``: built for other weights, which this backend binds at load)."""
         impl = get_backend(backend)
         engines = self.read_manifest()["engines"]
         if key not in engines:
-            return [f"no engine {key!r} in {self.manifest_path}"]
-        record = EngineRecord.from_dict(engines[key])
+            return EngineCheck(key, None, [f"no engine {key!r} in {self.manifest_path}"], [])
+        record = EngineRecord.from_dict({**engines[key], "key": key})
         want = self.expected(impl, module, example_inputs)
         problems: list[str] = []
+        notes: list[str] = []
         if record.backend != want["backend"]:
             problems.append(f"built with backend {record.backend!r}, this run uses {want['backend']!r}")
         if record.weights_fingerprint != want["weights_fingerprint"]:
-            problems.append("built for other weights (weights fingerprint differs)")
+            weights = (
+                f"built for other weights (weights fingerprint differs: built {record.weights_fingerprint}, "
+                f"now {want['weights_fingerprint']})"
+            )
+            if binds_weights(record):
+                notes.append(
+                    f"{weights}; a {impl.name} engine reads the module's own weights when it runs, so it "
+                    "serves these without recompiling"
+                )
+            elif impl.binds_weights:
+                problems.append(
+                    f"{weights}; this {impl.name} engine was exported by an earlier accel, which did not keep "
+                    "every weight out of the engine"
+                )
+            else:
+                problems.append(f"{weights}; a {impl.name} engine holds its own copy of the weights")
         if record.inputs != want["inputs"]:
             problems.append(f"shapes differ: {_shape_diff(record.inputs, want['inputs'])}")
         elif record.graph_fingerprint != want["graph_fingerprint"]:
@@ -262,7 +320,17 @@ class EngineStore:
                 problems.append(f"file {path} truncated ({size} of {record.size} bytes): checksum mismatch")
             elif sha256_file(path) != record.sha256:
                 problems.append(f"file {path} edited: checksum mismatch")
-        return problems
+        return EngineCheck(key, record, problems, notes)
+
+    def problems(
+        self,
+        key: str,
+        backend: str | Backend,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+    ) -> list[str]:
+        """Every reason the engine ``key`` cannot be used for this stage here (empty: it fits)."""
+        return self.check(key, backend, module, example_inputs).problems
 
     def validate(
         self,
@@ -271,15 +339,21 @@ class EngineStore:
         module: torch.nn.Module,
         example_inputs: Sequence[torch.Tensor],
     ) -> EngineRecord:
-        """The record of engine ``key`` if it fits this stage here; otherwise ``EngineError`` with reasons."""
-        problems = self.problems(key, backend, module, example_inputs)
-        if problems:
+        """The record of engine ``key`` if it fits this stage here; otherwise ``EngineError`` with reasons.
+
+        What fits but differs (other weights bound at load) is logged as a warning.
+        """
+        found = self.check(key, backend, module, example_inputs)
+        if found.problems:
             raise EngineError(
                 f"engine {key!r} in {self.directory} cannot be used: "
-                + "; ".join(problems)
+                + "; ".join(found.problems)
                 + ". Fix: re-export (`accel export PLAN --backend ... --rebuild`) or pass rebuild=True."
             )
-        return self.records()[key]
+        for note in found.notes:
+            log.warning("engine %r in %s: %s.", key, self.directory, note)
+        assert found.record is not None
+        return found.record
 
     # -- export / load ------------------------------------------------------------------------------
     def export(
@@ -308,6 +382,7 @@ class EngineStore:
                 sha256=sha256_file(path),
                 size=path.stat().st_size,
                 created=_now(),
+                extra={WEIGHTS: BOUND} if impl.binds_weights else {},
                 **want,
             )
             manifest = self.read_manifest()

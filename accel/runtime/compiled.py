@@ -5,6 +5,8 @@ call it with their slice of the batch): each call runs the whole-denoiser stage 
 of a :class:`~accel.compile.runner.StageRunner`. :class:`CompiledDecoderHook` does the same for
 ``vae.decoder``, on a private copy of the decoder made at wrap time, because pipelines such as SDXL's cast
 the VAE to fp32 and back on every call (new weight tensors each time, which a captured graph cannot follow).
+Weights loaded into the pipeline's VAE after wrapping are copied into that private copy before the next
+decode, so the compiled decoder never serves the old ones.
 
 Calls the compiled stage cannot serve (gradients enabled, other non-tensor arguments than the ones the
 stage was built with) run the original forward, with one warning.
@@ -21,7 +23,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from accel.compile.engines import decoder_key, engine_stages
-from accel.compile.runner import StageRunner
+from accel.compile.runner import BoundWeights, StageRunner, StaleWeightsError
 from accel.compile.stage import DecoderStage, StageError, StageModule, build_stage
 from accel.models import DenoiserAdapter, InputShape, adapt
 from accel.runtime.guidance import _map_output
@@ -108,8 +110,10 @@ class CompiledDecoderHook(ModelHook):
     """Runs ``vae.decoder(z)`` through ``runner`` on a private copy of the decoder.
 
     The copy is taken when the hook is made (wrap time) and cast to the dtype ``z`` arrives in, so the
-    pipeline's own fp32 upcasting of the VAE changes nothing for the compiled decoder. Weight changes
-    made to the VAE after wrapping are not seen: wrap again after loading other VAE weights.
+    pipeline's own fp32 upcasting of the VAE changes nothing for the compiled decoder. Weights loaded into
+    the VAE after wrapping (in place, or as new tensors) are copied into the private copies, in place,
+    before the next decode: compiled stages bound to them follow, and engines holding their own weights
+    are refused (:meth:`StageRunner.check_weights`). A decoder of another structure is refused.
     """
 
     _is_stateful = False
@@ -119,6 +123,27 @@ class CompiledDecoderHook(ModelHook):
         self.runner = runner
         self._source = copy.deepcopy(decoder).eval().requires_grad_(False)
         self._copies: dict[torch.dtype, DecoderStage] = {}
+        # Object identity and in-place edits only: the pipeline's upcasting swaps storage on every call.
+        self._live = BoundWeights(decoder, storage=False, edits=True)
+
+    def _follow(self, decoder: torch.nn.Module) -> None:
+        """Copy the pipeline decoder's current weights into the private copies (in place)."""
+        changed = self._live.changed()
+        if not changed:
+            return
+        state = decoder.state_dict()
+        try:
+            with torch.no_grad():
+                for target in (self._source, *(stage.decoder for stage in self._copies.values())):
+                    target.load_state_dict(state)  # copy_: casts to each copy's dtype, keeps its memory
+        except RuntimeError as exc:
+            raise StaleWeightsError(
+                f"the VAE decoder was changed after wrapping into one of another structure ({exc}); wrap the "
+                "pipeline again (accel.unwrap, then accel.wrap)."
+            ) from None
+        self._live = BoundWeights(decoder, storage=False, edits=True)
+        log.warning("VAE decoder weights changed after wrapping (%s); its compiled copy follows", changed[0])
+        self.runner.check_weights()  # engines that hold their own weights refuse the edited copies
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
@@ -127,6 +152,7 @@ class CompiledDecoderHook(ModelHook):
         if torch.is_grad_enabled() or len(args) != 1 or not isinstance(args[0], torch.Tensor) or extra:
             return forward(*args, **kwargs)
         z = args[0]
+        self._follow(module)
         stage = self._copies.get(z.dtype)
         if stage is None:
             # A copy per dtype: Module.to casts in place, and the source must stay as it was.
