@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from accel.models import DenoiserAdapter, InputShape, SegmentState, TensorEdge
 from accel.partition import stage_owners
-from accel.runtime.schedule import clamp_window, taus
+from accel.runtime.schedule import clamp_window, taus, window_steps
 from accel.settings import ResolvedSchedule
 from accel.tree import leaves
 
@@ -296,14 +296,14 @@ def decide_window(
     """``(tau1, tau2, window)`` once the rates of steps ``0 .. step-1`` decide them (``None``: not yet).
 
     ``tau2`` of ``"always"`` is reported as the last step it pipelines; the window is clamped to ``total``
-    steps and dropped when it would have had to start before ``step``.
+    steps (the adaptive rule's to all but the last) and dropped when it would have had to start before ``step``.
     """
     found = taus(schedule, rates)
     if found is None:
         return None
     last = total if total is not None else 2**31
     tau2 = found[1] if schedule.mode != "always" else max(found[0], last - 1)
-    window = clamp_window(found[0], found[1], last)
+    window = clamp_window(found[0], found[1], window_steps(schedule, last))
     if window is not None and window[0] < step:
         log.warning(
             "the window (%d, %d) was decided at step %d, after it began: it is skipped", *window, step

@@ -240,8 +240,8 @@ class WindowHook(CFGSplitHook, Generic[E]):
         if self._adapter is None:
             self._adapter = adapt(module)
         adapter = self._adapter
-        self.state.schedule = self.schedule_settings.resolve(adapter.family)
         self.state.steps_total = self.num_steps()
+        self.state.schedule = self.schedule_settings.resolve(adapter.family, self.state.steps_total)
         first = earliest_start(self.state.schedule)
         if first is None or (self.state.steps_total is not None and first > self.state.steps_total - 1):
             return  # no window possible in this call: CFG split only, nothing to plan
