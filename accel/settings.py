@@ -8,6 +8,7 @@ places apply (counts, world size, per-pipeline settings) live here as ``check_*`
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,21 +29,55 @@ class ScheduleError(AccelError, ValueError):
 
 @dataclass(frozen=True)
 class FamilyDefaults:
-    """The published switch-rule constants of one denoiser family."""
+    """The switch-rule constants of one denoiser family, chosen for a run of ``steps`` steps."""
 
     lookback: int
     eps: float
     k: int
     tau_cap: int
+    steps: int = 50
+
+    def scaled(self, num_steps: int | None) -> FamilyDefaults:
+        """The same rule for a run of ``num_steps`` steps: the step counts ``lookback``, ``k`` and
+        ``tau_cap`` scaled by ``num_steps / steps`` (rounded half up; ``lookback >= 2``, ``k >= 1``,
+        ``tau_cap >= 1``), and ``eps``, a rate change per step, by the inverse. ``None``: unchanged."""
+        if num_steps is None or num_steps == self.steps:
+            return self
+        f = num_steps / self.steps
+        return FamilyDefaults(
+            lookback=max(2, _half_up(self.lookback * f)),
+            eps=self.eps / f,
+            k=max(1, _half_up(self.k * f)),
+            tau_cap=max(1, _half_up(self.tau_cap * f)),
+            steps=num_steps,
+        )
 
 
-#: SDXL (U-Net) and SD3 (DiT) defaults: the published constants, except the DiT's latest switch step
-#: (published: 40). SD3's flow-matching schedule takes its largest steps last, so a fallback window at
-#: steps 41-45 deviated most of all window positions measured on the trained SD3-family model
-#: (docs/quality.md); with 20 the fallback window is steps 21-25.
-FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
+def _half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+SchedulePreset = Literal["accel", "published"]
+SCHEDULE_PRESETS: tuple[str, ...] = get_args(SchedulePreset)
+
+#: The published constants (arXiv 2602.21760, 50 steps) per family: SDXL (U-Net) and SD3 (DiT).
+PUBLISHED_DEFAULTS: dict[str, FamilyDefaults] = {
     "unet": FamilyDefaults(lookback=12, eps=4e-4, k=5, tau_cap=15),
+    "dit": FamilyDefaults(lookback=15, eps=5e-4, k=5, tau_cap=40),
+}
+#: accel's defaults: the published constants, except the DiT's latest switch step (published: 40).
+#: SD3's flow-matching schedule takes its largest steps last, so a fallback window at steps 41-45
+#: deviated most of all window positions measured on the trained 8x8 SD3-family digits model
+#: (docs/quality.md); with 20 the fallback window is steps 21-25. That is the only evidence for 20: it
+#: is accel's choice, not a published constant (``ScheduleSettings(preset="published")`` restores 40).
+FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
+    "unet": PUBLISHED_DEFAULTS["unet"],
     "dit": FamilyDefaults(lookback=15, eps=5e-4, k=5, tau_cap=20),
+}
+#: The constants of each preset, per family.
+SCHEDULE_PRESET_DEFAULTS: dict[str, dict[str, FamilyDefaults]] = {
+    "accel": FAMILY_DEFAULTS,
+    "published": PUBLISHED_DEFAULTS,
 }
 
 
@@ -61,14 +96,21 @@ class ScheduleSettings:
             (CFG split only; exact).
         window: ``(start, end)``, 0-based steps, inclusive, for ``mode="window"``; ``start >= 1``, since the
             window starts from activations of the CFG step before it. An end past the last step is clamped.
-        lookback: ``L`` of the slope rule (``None``: the family default, 12 for U-Nets, 15 for DiTs).
-        eps: slope threshold (``None``: 4e-4 for U-Nets, 5e-4 for DiTs).
-        k: pipelined steps per window (``None``: 5).
-        tau_cap: latest switch step (``None``: 15 for U-Nets, 20 for DiTs; published: 15 and 40).
+        preset: where the constants left ``None`` come from: ``"accel"`` (accel's defaults: the published
+            constants except SD3's ``tau_cap``, 20 instead of 40) or ``"published"`` (the paper's
+            constants: SDXL ``L=12, eps=4e-4, k=5, tau_cap=15``; SD3 ``L=15, eps=5e-4, k=5, tau_cap=40``).
+            Preset constants are for 50 steps; a call with another step count scales them to it
+            (:meth:`FamilyDefaults.scaled`), so the window keeps its place in the run and the last steps
+            stay exact. Constants set here are used as they are.
+        lookback: ``L`` of the slope rule, ``>= 2`` (the slope compares ``r[i-L+1]`` with ``r[i]``).
+        eps: slope threshold (> 0).
+        k: pipelined steps per window (>= 1).
+        tau_cap: latest switch step (>= 0).
     """
 
     mode: ScheduleMode = "adaptive"
     window: tuple[int, int] | None = None
+    preset: SchedulePreset = "accel"
     lookback: int | None = None
     eps: float | None = None
     k: int | None = None
@@ -78,6 +120,9 @@ class ScheduleSettings:
         if self.mode not in SCHEDULE_MODES:
             choices = ", ".join(repr(m) for m in SCHEDULE_MODES)
             raise ScheduleError(f"schedule mode {self.mode!r} is not supported; choose one of {choices}.")
+        if self.preset not in SCHEDULE_PRESETS:
+            choices = ", ".join(repr(p) for p in SCHEDULE_PRESETS)
+            raise ScheduleError(f"schedule preset {self.preset!r} is not supported; choose one of {choices}.")
         if self.mode == "window":
             window = self.window
             if (
@@ -99,7 +144,8 @@ class ScheduleSettings:
         elif self.window is not None:
             raise ScheduleError(f"schedule window={self.window!r} needs mode='window', not {self.mode!r}.")
         if self.lookback is not None:
-            _positive_int("lookback", self.lookback, 1)
+            # L = 1 compares r[i] with itself: the slope is always 0 and the rule fires at step 1.
+            _positive_int("lookback", self.lookback, 2)
         if self.k is not None:
             _positive_int("k", self.k, 1)
         if self.tau_cap is not None:
@@ -133,9 +179,11 @@ class ScheduleSettings:
             "window or ScheduleSettings(...)."
         )
 
-    def resolve(self, family: str) -> ResolvedSchedule:
-        """Fill the family defaults (``"unet"`` or ``"dit"``)."""
-        defaults = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["unet"])
+    def resolve(self, family: str, num_steps: int | None = None) -> ResolvedSchedule:
+        """Fill the constants left ``None`` from the preset of ``family`` (``"unet"`` or ``"dit"``), scaled
+        to a call of ``num_steps`` steps (``None``: as chosen, for 50 steps)."""
+        table = SCHEDULE_PRESET_DEFAULTS[self.preset]
+        defaults = table.get(family, table["unet"]).scaled(num_steps)
         return ResolvedSchedule(
             mode=self.mode,
             window=self.window,

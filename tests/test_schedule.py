@@ -84,7 +84,8 @@ def test_sdxl_defaults_on_a_plateau() -> None:
 def test_window_past_the_end_is_clamped_or_empty() -> None:
     settings = ScheduleSettings(lookback=2, eps=0.5, k=5, tau_cap=10).resolve("unet")
     flat = [0.3] * 8
-    assert window_for(settings, flat, 5) == (3, 4)  # tau1 = 2, tau2 = 7 -> clamped to the last step 4
+    # tau1 = 2, tau2 = 7 -> clamped to step 3: the adaptive rule never pipelines the last step (4)
+    assert window_for(settings, flat, 5) == (3, 3)
     assert window_for(settings, flat, 3) is None  # tau1 = 2 is the last step: nothing left to pipeline
     assert clamp_window(4, 9, 5) is None
     fixed = ScheduleSettings(mode="window", window=(3, 100)).resolve("unet")
@@ -155,3 +156,58 @@ def test_relative_gap_and_lagged_rates() -> None:
     lagged.skip()
     values = lagged.values()
     assert values[0] == pytest.approx(rate.item()) and math.isnan(values[1])
+
+
+def test_preset_constants_are_scaled_to_the_step_count() -> None:
+    """The constants are for 50 steps: at fewer steps the window keeps its place in the run, and the
+    final steps stay exact (unscaled, SDXL at 16 steps pipelined 13-15, SD3 at 28 steps 21-25)."""
+    falling = [1.0 - 0.01 * i for i in range(60)]  # never qualifies: the fallback at tau_cap decides
+    flat = [0.5] * 60  # qualifies at the first step the slope exists (i = L)
+    for family in ("unet", "dit"):
+        assert ScheduleSettings().resolve(family, 50) == ScheduleSettings().resolve(family)
+        for steps in range(2, 51):
+            schedule = ScheduleSettings().resolve(family, steps)
+            for rates in (falling, flat):
+                window = window_for(schedule, rates[:steps], steps)
+                if window is None:
+                    continue
+                assert window[1] <= steps - 2, (family, steps, window)  # the last step is exact
+                # As at 50 steps, the window ends in the first half of the run (give or take rounding).
+                assert window[1] <= 0.55 * steps + 1, (family, steps, window)
+    sdxl16 = ScheduleSettings().resolve("unet", 16)
+    assert (sdxl16.lookback, sdxl16.k, sdxl16.tau_cap) == (4, 2, 5) and sdxl16.eps == pytest.approx(
+        4e-4 / 0.32
+    )
+    assert window_for(sdxl16, falling, 16) == (6, 7)
+    sd3_28 = ScheduleSettings().resolve("dit", 28)
+    assert (sd3_28.lookback, sd3_28.k, sd3_28.tau_cap) == (8, 3, 11)
+    assert window_for(sd3_28, falling, 28) == (12, 14)
+    # Constants the user sets are taken as they are.
+    mine = ScheduleSettings(lookback=12, eps=4e-4, k=5, tau_cap=15).resolve("unet", 16)
+    assert (mine.lookback, mine.eps, mine.k, mine.tau_cap) == (12, 4e-4, 5, 15)
+    assert window_for(mine, flat, 16) == (13, 14)  # clamped short of the last step
+
+
+def test_published_preset() -> None:
+    """accel's SD3 tau_cap (20) is its own default; the published constants are a named preset."""
+    published = ScheduleSettings(preset="published")
+    assert published.resolve("dit").tau_cap == 40 and SD3.tau_cap == 20
+    for family in ("unet", "dit"):
+        p = published.resolve(family)
+        assert (p.lookback, p.eps, p.k) == ((SDXL if family == "unet" else SD3).lookback, p.eps, 5)
+    assert published.resolve("unet") == SDXL
+    assert ScheduleSettings.parse({"preset": "published"}) == published
+    assert window_for(published.resolve("dit"), [1.0 - 0.01 * i for i in range(50)], 50) == (41, 45)
+    with pytest.raises(
+        ScheduleError, match="preset 'paper' is not supported; choose one of 'accel', 'published'"
+    ):
+        ScheduleSettings(preset="paper")  # type: ignore[arg-type]
+
+
+def test_lookback_one_is_refused() -> None:
+    """L = 1 compares r[i] with itself: the slope would always be 0 and the window start at step 1."""
+    with pytest.raises(ScheduleError, match="lookback must be an integer >= 2, got 1"):
+        ScheduleSettings(lookback=1)
+    with pytest.raises(SettingsError, match="lookback must be an integer >= 2"):
+        AccelSettings(strategy="hybrid", devices=2, schedule={"lookback": 1})
+    ScheduleSettings(lookback=2)

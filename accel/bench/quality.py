@@ -41,7 +41,7 @@ import torch
 from accel.accelerator import Accelerator
 from accel.atomic import write_text_atomic
 from accel.runtime.schedule import relative_gap
-from accel.settings import FAMILY_DEFAULTS
+from accel.settings import FAMILY_DEFAULTS, PUBLISHED_DEFAULTS
 from accel.testing.measure import psnr
 from accel.testing.quality import (
     FAMILIES,
@@ -65,8 +65,8 @@ WINDOW_LENGTHS: tuple[int, ...] = (2, 5, 10, 20)
 WINDOW_STARTS: tuple[int, ...] = (3, 8, 21, 24, 29, 40)
 #: The published switch-rule constants (docs/concepts.md, section 3), compared with accel's defaults.
 PUBLISHED_SCHEDULES: dict[str, dict[str, Any]] = {
-    "sdxl": dict(lookback=12, eps=4e-4, k=5, tau_cap=15),
-    "sd3": dict(lookback=15, eps=5e-4, k=5, tau_cap=40),
+    family: {k: v for k, v in asdict(PUBLISHED_DEFAULTS[adapter]).items() if k != "steps"}
+    for family, adapter in ADAPTER_FAMILY.items()
 }
 PSNR_CAP_DB = 100.0
 """Per-sample PSNR is capped here: identical images (infinite PSNR) and fp-rounding differences alike."""
@@ -125,10 +125,10 @@ def fixed_windows(
 
 def published_schedule(family: str) -> dict[str, Any] | None:
     """The published switch rule of ``family`` as a schedule, where accel's defaults differ from it."""
-    published = PUBLISHED_SCHEDULES[family]
-    if asdict(FAMILY_DEFAULTS[ADAPTER_FAMILY[family]]) == published:
+    adapter = ADAPTER_FAMILY[family]
+    if FAMILY_DEFAULTS[adapter] == PUBLISHED_DEFAULTS[adapter]:
         return None
-    return dict(mode="adaptive", **published)
+    return dict(mode="adaptive", preset="published")
 
 
 def default_modes(family: str, *, windows: Sequence[tuple[int, int]] | None = None) -> list[QualityMode]:

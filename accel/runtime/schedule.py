@@ -7,7 +7,11 @@ rank, so the decision needs no extra collective). The published rule (docs/conce
 - once ``i >= L``: ``slope_i = (r[i-L+1] - r[i]) / L``;
 - ``tau1`` = the first ``i`` with ``0 <= slope_i < eps``; if none qualified by ``i = tau_cap - 1``,
   ``tau1 = tau_cap``;
-- ``tau2 = tau1 + k``; the window is the steps ``tau1 + 1 .. tau2`` inclusive, clamped to the last step.
+- ``tau2 = tau1 + k``; the window is the steps ``tau1 + 1 .. tau2`` inclusive, clamped to the last step
+  (for the adaptive rule, to the step before it: the final prediction is always exact).
+
+The published constants are for 50 steps; ``ScheduleSettings.resolve`` scales the preset constants to a
+call's step count, so the rule's window keeps its place in the run.
 
 Everything here is pure (plain floats and ints) so the rule can be driven by synthetic rate curves.
 """
@@ -74,13 +78,19 @@ def earliest_start(schedule: ResolvedSchedule) -> int | None:
     return min(schedule.lookback, schedule.tau_cap) + 1
 
 
+def window_steps(schedule: ResolvedSchedule, num_steps: int) -> int:
+    """How many leading steps of a ``num_steps``-step run a window may cover: all of them for a fixed
+    window or ``"always"`` (the user asked for those steps), all but the last for the adaptive rule."""
+    return num_steps - 1 if schedule.mode == "adaptive" else num_steps
+
+
 def window_for(schedule: ResolvedSchedule, rates: Sequence[float], num_steps: int) -> tuple[int, int] | None:
     """The window ``(first, last)`` pipelined step (inclusive) for a run of ``num_steps`` steps.
 
     ``rates`` holds ``r_i`` for the CFG steps (at least up to ``tau1``; extra entries are ignored).
     """
     found = taus(schedule, rates)
-    return None if found is None else clamp_window(found[0], found[1], num_steps)
+    return None if found is None else clamp_window(found[0], found[1], window_steps(schedule, num_steps))
 
 
 def relative_gap(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

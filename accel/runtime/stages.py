@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from accel.models import DenoiserAdapter, InputShape, SegmentState, TensorEdge
 from accel.partition import stage_owners
-from accel.runtime.schedule import clamp_window, taus
+from accel.runtime.schedule import clamp_window, taus, window_steps
 from accel.settings import ResolvedSchedule
 from accel.tree import leaves
 
@@ -43,7 +43,7 @@ def run_stage(
     owner: Sequence[int],
     initial: SegmentState,
     received: Mapping[Key, torch.Tensor],
-    compiled: Mapping[Segment, CompiledSegment] | None = None,
+    compiled: dict[Segment, CompiledSegment] | None = None,
 ) -> tuple[SegmentState, dict[Key, torch.Tensor], list[int]]:
     """Run one stage's unit segments in order.
 
@@ -78,14 +78,27 @@ def run_segment(
     state: SegmentState,
     lo: int,
     hi: int,
-    compiled: Mapping[Segment, CompiledSegment] | None = None,
+    compiled: dict[Segment, CompiledSegment] | None = None,
 ) -> SegmentState:
-    """Units ``[lo, hi)`` on ``state``: through the compiled callable of the segment if there is one."""
+    """Units ``[lo, hi)`` on ``state``: through the compiled callable of the segment if there is one.
+
+    A state the compiled segment was not built for (its :class:`~accel.compile.stage.StageError` names
+    the difference) runs eagerly instead, as the whole-denoiser path does; the segment is then dropped
+    from ``compiled``, with one warning, so that later steps run it eagerly without asking again.
+    """
     found = compiled.get((lo, hi)) if compiled else None
     if found is None:
         return adapter.run(state, lo, hi)
+    from accel.compile.stage import StageError
+
     module, fn = found
-    return module.run_state(fn, state)
+    try:
+        return module.run_state(fn, state)  # type: ignore[no-any-return]
+    except StageError as exc:
+        assert compiled is not None
+        del compiled[(lo, hi)]
+        log.warning("window segment [%d, %d) runs eagerly: %s", lo, hi, exc)
+        return adapter.run(state, lo, hi)
 
 
 def compile_segments(
@@ -112,7 +125,7 @@ def compile_segments(
             continue
         with torch.no_grad():
             module, inputs = build_stage(adapter, entry.lo, entry.hi, args, kwargs)
-        fn = runner.get(entry.key, module, inputs, cache_key=(entry.key, shape_key(args, kwargs)))
+        fn = runner.get(entry.key, module, inputs, cache_key=(entry.key, call_key(args, kwargs)))
         compiled[(entry.lo, entry.hi)] = (module, fn)
     return compiled
 
@@ -296,14 +309,14 @@ def decide_window(
     """``(tau1, tau2, window)`` once the rates of steps ``0 .. step-1`` decide them (``None``: not yet).
 
     ``tau2`` of ``"always"`` is reported as the last step it pipelines; the window is clamped to ``total``
-    steps and dropped when it would have had to start before ``step``.
+    steps (the adaptive rule's to all but the last) and dropped when it would have had to start before ``step``.
     """
     found = taus(schedule, rates)
     if found is None:
         return None
     last = total if total is not None else 2**31
     tau2 = found[1] if schedule.mode != "always" else max(found[0], last - 1)
-    window = clamp_window(found[0], found[1], last)
+    window = clamp_window(found[0], found[1], window_steps(schedule, last))
     if window is not None and window[0] < step:
         log.warning(
             "the window (%d, %d) was decided at step %d, after it began: it is skipped", *window, step
@@ -325,6 +338,17 @@ def tensors_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tens
     return [leaf for _, leaf in leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
 
 
-def shape_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """Shapes, dtypes and devices of a call's non-scalar tensors: one executor (and plan) per key."""
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors_of(args, kwargs) if t.dim() > 0)
+def call_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """What a window's executor and its compiled segments depend on: the path, shape, dtype and device of
+    every non-scalar tensor of a call, and the value (or, for other objects, the type) of every other
+    argument (a LoRA ``scale``, attention kwargs, ``return_dict``...). One executor (and one set of
+    compiled segments) per key; scalar tensors (a timestep) change every step and are inputs, not keys."""
+
+    def part(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            return (tuple(leaf.shape), leaf.dtype, leaf.device) if leaf.dim() > 0 else "scalar"
+        if leaf is None or isinstance(leaf, bool | int | float | str):
+            return leaf
+        return type(leaf).__name__
+
+    return tuple((path, part(leaf)) for path, leaf in leaves((args, kwargs)))

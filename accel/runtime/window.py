@@ -24,9 +24,9 @@ from accel.runtime.schedule import LaggedRates, earliest_start
 from accel.runtime.stages import (
     Segment,
     StageExecutor,
+    call_key,
     compile_segments,
     decide_window,
-    shape_key,
     tensors_of,
 )
 from accel.settings import ResolvedSchedule, ScheduleSettings
@@ -240,13 +240,13 @@ class WindowHook(CFGSplitHook, Generic[E]):
         if self._adapter is None:
             self._adapter = adapt(module)
         adapter = self._adapter
-        self.state.schedule = self.schedule_settings.resolve(adapter.family)
         self.state.steps_total = self.num_steps()
+        self.state.schedule = self.schedule_settings.resolve(adapter.family, self.state.steps_total)
         first = earliest_start(self.state.schedule)
         if first is None or (self.state.steps_total is not None and first > self.state.steps_total - 1):
             return  # no window possible in this call: CFG split only, nothing to plan
         b_args, b_kwargs = self._branch_inputs(args, kwargs, batch, self.branch)
-        key = shape_key(b_args, b_kwargs)
+        key = call_key(b_args, b_kwargs)
         cached = self._executors.get(key)
         if cached is None:
             start = time.perf_counter()
