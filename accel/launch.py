@@ -211,17 +211,35 @@ def _failure_text(failure: Any) -> str:
     return f"exited with code {failure.exitcode} (its output above says why)"
 
 
+def _peer_failure(failure: Any) -> dict[str, Any] | None:
+    """The failure (``{"rank", "error"}``) of the peer that made accel's failure monitor stop this worker."""
+    from accel.runtime.comm import PEER_FAILURE  # deferred: imports torch.distributed
+
+    if not _recorded(failure) or not isinstance(failure.message, dict):
+        return None
+    found = failure.message.get("extraInfo", {}).get(PEER_FAILURE)
+    return found if isinstance(found, dict) and "rank" in found and "error" in found else None
+
+
 def _launch_error(exc: Any) -> LaunchError:
     failures = {int(rank): _failure_text(f) for rank, f in exc.failures.items()}
-    recorded = [int(r) for r, f in exc.failures.items() if _recorded(f)]
+    peers = {int(rank): _peer_failure(f) for rank, f in exc.failures.items()}
+    own = [int(r) for r, f in exc.failures.items() if _recorded(f) and peers[int(r)] is None]
     # A worker that raised recorded its error; the others ended because of it (stopped by the launcher,
-    # or by accel's failure monitor), so the earliest recorded error is the cause.
-    if recorded:
-        rank = min(recorded, key=lambda r: exc.failures[r].timestamp)
+    # or by accel's failure monitor, which records the failed peer), so the earliest own error is the
+    # cause. The failed worker itself may still be unwinding when a peer it stopped has already exited.
+    stopped_by = [p for p in peers.values() if p is not None]
+    if own:
+        rank = min(own, key=lambda r: exc.failures[r].timestamp)
+        cause = failures[rank]
+    elif stopped_by:
+        rank, cause = int(stopped_by[0]["rank"]), str(stopped_by[0]["error"])
+        failures[rank] = cause
     else:
         rank = min(failures)
+        cause = failures[rank]
     others = sorted(r for r in failures if r != rank)
-    message = f"rank {rank} failed: {failures[rank]}"
+    message = f"rank {rank} failed: {cause}"
     if others:
         message += f" (rank(s) {', '.join(map(str, others))} stopped as well)"
     return LaunchError(message, failures)

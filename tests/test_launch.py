@@ -106,3 +106,14 @@ def test_two_nodes_on_one_machine(tmp_path) -> None:
     assert node0["images"] == [str(out)] and node1["images"] == []
     assert Image.open(out).size == (128, 128)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two-nodes.png"]
+
+
+def test_the_first_failing_ranks_error_is_the_last_line(tmp_path) -> None:
+    # Rank 0 fails and is slow to exit; rank 1, stopped by the failure monitor, exits first. The last
+    # line must still be rank 0's EngineError, not "rank 1 failed: exited with code 1".
+    script = REPO / "tests" / "scripts" / "late_failure.py"
+    result = CliRunner().invoke(cli.app, ["run", str(script), "--devices", "2", "--accelerator", "cpu"])
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and last.endswith("(rank(s) 1 stopped as well)"), result.output
+    assert "rank 0 failed: EngineError: engine 'cfg.full.64x64.b1' cannot be used: file truncated" in last
