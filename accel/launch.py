@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accel.errors import AccelError
+from accel.errors import AccelError, Interrupted
 from accel.settings import SettingsError, check_count
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def launch_script(spec: LaunchSpec, script: str | os.PathLike[str], args: Sequen
 def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[Any]) -> dict[int, Any]:
     # Deferred: torch is imported when launching, not when the command line (which imports this) starts.
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -144,6 +145,7 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
         _scoped_env(env),
         _kept_signal_handlers(),
         _quiet_elastic_logs(),
+        _temporary_files_in(log_dir),
     ):
         config = LaunchConfig(
             min_nodes=spec.num_nodes,
@@ -158,6 +160,10 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
             # Long enough for a failing worker to record its error before the launcher stops it because a
             # peer that saw the failure (accel's failure monitor) exited first.
             monitor_interval=0.5,
+            # SIGINT stays this process's (KeyboardInterrupt, or the command line's handler): the launcher
+            # then stops the workers with SIGTERM, which ends them silently, where forwarding SIGINT would
+            # make every worker print a KeyboardInterrupt traceback.
+            signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         )
@@ -173,6 +179,9 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
             results: dict[int, Any] = elastic_launch(config, entrypoint)(*args)
         except ChildFailedError as exc:
             raise _launch_error(exc) from None
+        except SignalException as exc:
+            # The launcher has stopped the workers (with the same signal); the caller decides what to say.
+            raise Interrupted(int(exc.sigval)) from None
         except (RuntimeError, ValueError, TimeoutError, OSError) as exc:
             # Rendezvous problems (port taken, node 0 unreachable, other nodes never came).
             raise LaunchError(
@@ -259,6 +268,18 @@ def _scoped_env(updates: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _temporary_files_in(folder: str) -> Iterator[None]:
+    """Make ``tempfile`` create its files in ``folder`` (removed after the launch): torch.multiprocessing
+    gives each worker a ``pytorch-errorfile-*.pickle`` that it never deletes."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 @contextlib.contextmanager
