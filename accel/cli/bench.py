@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from accel.cli.common import fail
+
 DEFAULT_QUALITY_OUTPUT = Path("docs/benchmarks/quality")
 SUITES = ("--model sdxl|sd3 (speed)", "--quality", "--report FILE.json ...")
 
@@ -139,11 +141,12 @@ def _speed(
     from accel.bench.speed import SuiteSettings, parse_names, parse_schedule, run_suite, save
 
     if not tiny and torch.cuda.device_count() < 2:
-        console.print(
-            f"[red]error:[/red] the speed suite needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}. "
-            "Run it on a 2-GPU host, or pass --tiny for a CPU dry run."
+        fail(
+            Console(stderr=True),
+            f"the speed suite needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}. Run it on a "
+            "2-GPU host, or pass --tiny for a CPU dry run.",
+            code=1,
         )
-        raise typer.Exit(1)
     window = parse_schedule(schedule)
     try:
         settings = SuiteSettings(
@@ -178,8 +181,7 @@ def _report(console: Console, files: list[Path]) -> None:
 
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        console.print(f"[red]error:[/red] no such result file: {', '.join(missing)}")
-        raise typer.Exit(1)
+        fail(Console(stderr=True), f"no such result file: {', '.join(missing)}", code=1)
     folder = files[0].parent
     write_report(files, folder / "README.md", folder / "latency.png")
     console.print(f"wrote {folder / 'README.md'} and {folder / 'latency.png'}")
