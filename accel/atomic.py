@@ -42,3 +42,21 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def unwritable_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why a file or folder cannot be created at ``path`` (``None``: it can), without leaving anything.
+
+    The nearest existing folder above ``path`` (or ``path`` itself, an existing folder) must take a new
+    file: tried for real, since permission bits do not tell (root, read-only mounts).
+    """
+    target = Path(path)
+    existing = target if target.is_dir() else target.parent
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"cannot write under {existing} ({exc.strerror or type(exc).__name__})"
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,6 +109,9 @@ def generate(job: GenerationJob) -> dict[str, Any]:
     call returned) and ``first_saved`` (its images written), so a caller can split its own start-up time.
     """
     worker_started = time.time()
+    # Ctrl-C reaches every process of the terminal; the launcher stops the workers (SIGTERM), so a worker
+    # ignores SIGINT rather than print its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import lightning  # noqa: F401  (its import sets its loggers to INFO; quieted below, after it)
 
     # A fresh process: its log format is this worker's to choose, with the rank on every line.

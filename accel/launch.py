@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accel.errors import AccelError
+from accel.errors import AccelError, Interrupted
 from accel.settings import SettingsError, check_count
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def launch_script(spec: LaunchSpec, script: str | os.PathLike[str], args: Sequen
 def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[Any]) -> dict[int, Any]:
     # Deferred: torch is imported when launching, not when the command line (which imports this) starts.
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -158,6 +159,7 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
         _scoped_env(env),
         _kept_signal_handlers(),
         _quiet_elastic_logs(),
+        _temporary_files_in(log_dir),
     ):
         config = LaunchConfig(
             min_nodes=spec.num_nodes,
@@ -172,6 +174,10 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
             # Long enough for a failing worker to record its error before the launcher stops it because a
             # peer that saw the failure (accel's failure monitor) exited first.
             monitor_interval=0.5,
+            # SIGINT stays this process's (KeyboardInterrupt, or the command line's handler): the launcher
+            # then stops the workers with SIGTERM, which ends them silently, where forwarding SIGINT would
+            # make every worker print a KeyboardInterrupt traceback.
+            signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         )
@@ -187,6 +193,9 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
             results: dict[int, Any] = elastic_launch(config, entrypoint)(*args)
         except ChildFailedError as exc:
             raise _launch_error(exc) from None
+        except SignalException as exc:
+            # The launcher has stopped the workers (with the same signal); the caller decides what to say.
+            raise Interrupted(int(exc.sigval)) from None
         except (RuntimeError, ValueError, TimeoutError, OSError) as exc:
             # Rendezvous problems (port taken, node 0 unreachable, other nodes never came).
             raise LaunchError(
@@ -225,17 +234,35 @@ def _failure_text(failure: Any) -> str:
     return f"exited with code {failure.exitcode} (its output above says why)"
 
 
+def _peer_failure(failure: Any) -> dict[str, Any] | None:
+    """The failure (``{"rank", "error"}``) of the peer that made accel's failure monitor stop this worker."""
+    from accel.runtime.comm import PEER_FAILURE  # deferred: imports torch.distributed
+
+    if not _recorded(failure) or not isinstance(failure.message, dict):
+        return None
+    found = failure.message.get("extraInfo", {}).get(PEER_FAILURE)
+    return found if isinstance(found, dict) and "rank" in found and "error" in found else None
+
+
 def _launch_error(exc: Any) -> LaunchError:
     failures = {int(rank): _failure_text(f) for rank, f in exc.failures.items()}
-    recorded = [int(r) for r, f in exc.failures.items() if _recorded(f)]
+    peers = {int(rank): _peer_failure(f) for rank, f in exc.failures.items()}
+    own = [int(r) for r, f in exc.failures.items() if _recorded(f) and peers[int(r)] is None]
     # A worker that raised recorded its error; the others ended because of it (stopped by the launcher,
-    # or by accel's failure monitor), so the earliest recorded error is the cause.
-    if recorded:
-        rank = min(recorded, key=lambda r: exc.failures[r].timestamp)
+    # or by accel's failure monitor, which records the failed peer), so the earliest own error is the
+    # cause. The failed worker itself may still be unwinding when a peer it stopped has already exited.
+    stopped_by = [p for p in peers.values() if p is not None]
+    if own:
+        rank = min(own, key=lambda r: exc.failures[r].timestamp)
+        cause = failures[rank]
+    elif stopped_by:
+        rank, cause = int(stopped_by[0]["rank"]), str(stopped_by[0]["error"])
+        failures[rank] = cause
     else:
         rank = min(failures)
+        cause = failures[rank]
     others = sorted(r for r in failures if r != rank)
-    message = f"rank {rank} failed: {failures[rank]}"
+    message = f"rank {rank} failed: {cause}"
     if others:
         message += f" (rank(s) {', '.join(map(str, others))} stopped as well)"
     return LaunchError(message, failures)
@@ -255,6 +282,18 @@ def _scoped_env(updates: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _temporary_files_in(folder: str) -> Iterator[None]:
+    """Make ``tempfile`` create its files in ``folder`` (removed after the launch): torch.multiprocessing
+    gives each worker a ``pytorch-errorfile-*.pickle`` that it never deletes."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 @contextlib.contextmanager

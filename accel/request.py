@@ -6,10 +6,10 @@ Nothing heavy is imported here: the command line reads these defaults to write i
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from accel.atomic import unwritable_reason
 from accel.errors import AccelError
 from accel.settings import SCHEDULE_MODES
 
@@ -66,11 +66,9 @@ def check_output(output: Path) -> None:
     if not suffix and output.exists() and not output.is_dir():
         raise RequestError(f"--output {output} is a file; name a folder or an image file.")
     # The nearest existing folder must be writable, or the run would fail after generating everything.
-    existing = output if not suffix else output.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise RequestError(f"--output {output}: cannot write under {existing}.")
+    reason = unwritable_reason(output)
+    if reason is not None:
+        raise RequestError(f"--output {output}: {reason}.")
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:

@@ -38,6 +38,7 @@ def test_bench_refuses_bad_input(tmp_path: Path) -> None:
     assert none.exit_code != 0 and "choose one suite" in none.output
     gpus = runner.invoke(app, ["bench", "--model", "sdxl", "-o", str(tmp_path / "x.json")])
     assert gpus.exit_code == 1 and "needs 2 CUDA GPUs" in gpus.output
+    assert "needs 2 CUDA GPUs" in gpus.stderr and not gpus.stdout  # an error, not a result
     bad = runner.invoke(app, ["bench", "--model", "sdxl", "--tiny", "--configs", "A,Z"])
     assert bad.exit_code != 0 and "unknown configurations ['Z']" in bad.output
     missing = runner.invoke(app, ["bench", "--report", str(tmp_path / "nope.json")])

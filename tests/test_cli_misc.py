@@ -152,3 +152,38 @@ def test_inspect_compares_engine_weights_with_a_model(runner, tmp_path) -> None:
     entry = report()
     assert entry["weights"] == "baked in"
     assert "built for other weights; a onnx engine holds its own copy of them" in entry["notes"]
+
+
+def _sd3_plan(runner, path) -> None:
+    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--devices", "2"]
+    made = runner.invoke(cli.app, [*args, "--warmup", "0", "--repeat", "1", "-o", str(path)])
+    assert made.exit_code == 0, made.output
+
+
+def test_plan_and_export_refuse_an_unwritable_output_and_bad_input(runner, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--warmup", "0", "--repeat", "1"]
+    planned = runner.invoke(cli.app, [*args, "-o", str(blocker / "plan.json")])
+    assert planned.exit_code == 2, planned.output
+    assert f"--output {blocker / 'plan.json'}: cannot write under {blocker}" in " ".join(
+        planned.output.split()
+    )
+    assert planned.exception is None or isinstance(planned.exception, SystemExit)
+
+    plan = tmp_path / "p.json"
+    _sd3_plan(runner, plan)
+    exported = runner.invoke(cli.app, ["export", str(plan), "--backend", "onnx", "-o", str(blocker / "e")])
+    assert exported.exit_code == 2, exported.output
+    assert f"cannot write under {blocker}" in " ".join(exported.output.split())
+    # Bad input exits 2, as with accel run; the TensorRT hint keeps its [tensorrt] through rich markup.
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(plan.read_text()[:50])
+    bad = runner.invoke(cli.app, ["export", str(corrupt), "--backend", "onnx", "-o", str(tmp_path / "e")])
+    assert bad.exit_code == 2 and "not valid JSON" in bad.output, bad.output
+    if not torch.cuda.is_available():
+        trt = runner.invoke(
+            cli.app, ["export", str(plan), "--backend", "tensorrt", "-o", str(tmp_path / "e")]
+        )
+        assert trt.exit_code == 2 and "accel[tensorrt]" in trt.output, trt.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "corrupt.json", "p.json"]

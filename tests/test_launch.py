@@ -123,3 +123,85 @@ def test_one_process_runs_in_this_process() -> None:
     with pytest.raises(LaunchError, match="rank 0 failed: ValueError: no image for this prompt") as info:
         launch_function(LaunchSpec(devices=1), _pid_or_fail, True)
     assert info.value.failures == {0: "ValueError: no image for this prompt"}
+
+
+def test_the_first_failing_ranks_error_is_the_last_line() -> None:
+    # Rank 0 fails and is slow to exit; rank 1, stopped by the failure monitor, exits first. The last
+    # line must still be rank 0's EngineError, not "rank 1 failed: exited with code 1".
+    script = REPO / "tests" / "scripts" / "late_failure.py"
+    result = CliRunner().invoke(cli.app, ["run", str(script), "--devices", "2", "--accelerator", "cpu"])
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and last.endswith("(rank(s) 1 stopped as well)"), result.output
+    assert "rank 0 failed: EngineError: engine 'cfg.full.64x64.b1' cannot be used: file truncated" in last
+
+
+def _interrupt_after(args: list[str], marker: str, signum: int, delay_s: float) -> tuple[int, str, float]:
+    """Start ``python -m accel ARGS``, send ``signum`` ``delay_s`` after ``marker`` shows on its stderr;
+    its exit status, its stderr and the seconds from the signal to its exit."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accel", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            break
+    time.sleep(delay_s)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    rest = proc.stderr.read()
+    code = proc.wait(timeout=120)
+    assert signal.Signals(signum)  # a real signal, sent to the real process
+    return code, "".join(seen) + rest, time.monotonic() - sent
+
+
+@pytest.mark.parametrize(("signame", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_stops_accel_run_promptly_with_one_line(tmp_path, signame, code) -> None:
+    import signal
+
+    args = ["run", "--demo", "sdxl", "--devices", "2", "--accelerator", "cpu", "-o", str(tmp_path / "x.png")]
+    # During the workers' start-up: they are importing torch and joining the group.
+    got, stderr, seconds = _interrupt_after(args, "accel run:", getattr(signal, signame), 1.0)
+    assert got == code, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == f"accel: interrupted ({signame}), stopped.", stderr
+    assert seconds < 8, seconds
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_signal_stops_accel_export_with_a_message(tmp_path) -> None:
+    import signal
+
+    plan = tmp_path / "p.json"
+    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--devices", "2"]
+    made = CliRunner().invoke(cli.app, [*args, "--warmup", "0", "--repeat", "1", "-o", str(plan)])
+    assert made.exit_code == 0, made.output
+    export = ["export", str(plan), "--backend", "onnx", "-o", str(tmp_path / "engines")]
+    got, stderr, _ = _interrupt_after(export, "", signal.SIGINT, 6.0)
+    assert got == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "accel: interrupted (SIGINT), stopped.", stderr
+
+
+def test_a_failed_launch_leaves_no_error_files(tmp_path, monkeypatch) -> None:
+    import operator
+    import tempfile
+
+    from accel.launch import LaunchError, launch_function
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with pytest.raises(LaunchError, match="rank 0 failed: ZeroDivisionError"):
+        launch_function(LaunchSpec(devices=2), operator.truediv, 1, 0)
+    # torch.multiprocessing gives each worker a pytorch-errorfile-*.pickle in tempfile's folder.
+    assert not list(temp.glob("pytorch-errorfile-*"))

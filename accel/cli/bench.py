@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from accel.bench.startup import MODES as STARTUP_MODES
+from accel.cli.common import fail
 
 DEFAULT_QUALITY_OUTPUT = Path("docs/benchmarks/quality")
 SUITES = ("--model sdxl|sd3 (speed)", "--quality", "--startup FOLDER", "--report FILE.json ...")
@@ -197,11 +198,12 @@ def _speed(
     from accel.bench.speed import SuiteSettings, parse_names, parse_schedule, run_suite, save
 
     if not tiny and torch.cuda.device_count() < 2:
-        console.print(
-            f"[red]error:[/red] the speed suite needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}. "
-            "Run it on a 2-GPU host, or pass --tiny for a CPU dry run."
+        fail(
+            Console(stderr=True),
+            f"the speed suite needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}. Run it on a "
+            "2-GPU host, or pass --tiny for a CPU dry run.",
+            code=1,
         )
-        raise typer.Exit(1)
     window = parse_schedule(schedule)
     try:
         settings = SuiteSettings(
@@ -236,8 +238,7 @@ def _report(console: Console, files: list[Path]) -> None:
 
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        console.print(f"[red]error:[/red] no such result file: {', '.join(missing)}")
-        raise typer.Exit(1)
+        fail(Console(stderr=True), f"no such result file: {', '.join(missing)}", code=1)
     folder = files[0].parent
     write_report(files, folder / "README.md", folder / "latency.png")
     console.print(f"wrote {folder / 'README.md'} and {folder / 'latency.png'}")

@@ -5,12 +5,15 @@ Nothing heavy is imported here (``accel --help`` imports every command module).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from accel.atomic import unwritable_reason
 
 #: Device kinds a command that loads a model on this machine accepts.
 DEVICE_KINDS = ("cuda", "cpu")
@@ -26,6 +29,13 @@ def fail(console: Console, message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` and exit with ``code`` (2: bad input; 1: the work failed)."""
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def check_writable(console: Console, path: Path) -> None:
+    """Refuse (exit 2) an ``--output`` that cannot be written, before any work starts."""
+    reason = unwritable_reason(path)
+    if reason is not None:
+        fail(console, f"--output {path}: {reason}.")
 
 
 def check_device(device: str) -> None:

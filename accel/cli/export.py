@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from accel.cli.common import DEVICE_KINDS, check_device, choices
+from accel.cli.common import DEVICE_KINDS, check_device, check_writable, choices, fail
 from accel.settings import PRECISIONS, Backend
 from accel.source import ModelSource
 
@@ -50,13 +50,12 @@ def export(
     impl = get_backend(backend)
     reason = impl.available()
     if reason is not None:
-        console.print(f"[red]error:[/red] backend {backend!r} is unavailable: {reason}")
-        raise typer.Exit(1)
+        fail(console, f"backend {backend!r} is unavailable: {reason}")
     try:
         plan = load_plan(plan_file)
     except PlanError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        fail(console, str(exc))
+    check_writable(console, output)
     if device is None:
         device = plan.device_type if plan.device_type != "cuda" or torch.cuda.is_available() else "cpu"
     check_device(device)
@@ -67,8 +66,7 @@ def export(
     try:
         plan.validate_for(denoiser)
     except PlanError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        fail(console, str(exc))
 
     columns: tuple[Any, ...] = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -86,7 +84,6 @@ def export(
                     plan, denoiser, impl, output, rebuild=rebuild, on_stage=on_stage, vae=decoder_source
                 )
         except (EngineError, BackendError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
+            fail(console, str(exc), code=1)
     total = sum(r.size for r in records)
     console.print(f"wrote {len(records)} engine(s), {total / 1e6:.1f} MB, to {output} (manifest.json)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from accel.cli.common import DEVICE_KINDS, check_device, choices, plan_table
+from accel.cli.common import DEVICE_KINDS, check_device, check_writable, choices, fail, plan_table
 from accel.settings import PRECISIONS, Precision
 from accel.source import ARCHS, DEMOS, ModelSource, SourceError
 
@@ -70,6 +70,7 @@ def plan(
         raise typer.BadParameter(f"--link-gbps must be > 0, got {link_gbps}.")
 
     console = Console(stderr=as_json)
+    check_writable(Console(stderr=True), output)
     # Plain messages, no live spinner: a refresh thread contends for the GIL and inflates CPU-side timings.
     console.print(f"loading {model or demo or arch} ({dtype}, {device})")
     try:
@@ -98,8 +99,7 @@ def plan(
             repeat=repeat,
         )
     except (UnsupportedModelError, PartitionError, PlanError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        fail(Console(stderr=True), str(exc), code=1)
     written = result.save(output)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))

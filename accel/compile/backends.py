@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 StageCallable = Callable[..., Any]
 
 TENSORRT_INSTALL = (
-    "pip install 'accel[tensorrt]' (torch-tensorrt; it needs a CUDA build of torch and the torch-tensorrt "
-    "release made for your torch minor version)"
+    "pip install 'accel[tensorrt]' (from a source checkout: pip install -e '.[tensorrt]'; torch-tensorrt "
+    "needs a CUDA build of torch and the torch-tensorrt release made for your torch minor version)"
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
 import logging
 import os
 import threading
@@ -190,6 +191,28 @@ class Communicator:
             )
 
 
+#: The ``extraInfo`` key of an elastic error file that names the peer whose failure stopped this rank.
+PEER_FAILURE = "accel_peer_failure"
+
+
+def _record_peer_failure(failure: dict[str, object], message: str) -> None:
+    """Write the elastic launcher's error file of this rank: stopped because of ``failure`` (rank, error)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {
+        "message": {
+            "message": f"stopped because {message}",
+            "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time())), PEER_FAILURE: failure},
+        }
+    }
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+    except OSError as exc:  # the launcher then reports this rank's exit code; the log above has the cause
+        log.debug("could not record the peer failure in %s: %s", path, exc)
+
+
 class FailureMonitor:
     """Ends every rank when one rank fails, with that rank's error.
 
@@ -197,6 +220,10 @@ class FailureMonitor:
     every other rank sees it within ``poll_s`` seconds, logs the failed rank's error and exits the
     process (a rank blocked inside a collective cannot be interrupted from Python). The process-group
     timeout remains the backstop for a rank that dies without posting (killed, segfault).
+
+    Under an elastic launcher (``accel run``, torchrun) a rank stopped this way records the failed
+    rank's error in its own error file (:data:`PEER_FAILURE` in ``extraInfo``): the launcher may see the
+    stopped rank end before the failed one, and still reports the failed rank's error.
     """
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, *, poll_s: float = 0.25) -> None:
@@ -237,9 +264,9 @@ class FailureMonitor:
         if self._failed_locally:
             return
         self._failed_locally = True
-        message = f"rank {self._rank} failed with {type(exc).__name__}: {exc}"
+        failure = {"rank": self._rank, "error": f"{type(exc).__name__}: {exc}"}
         try:
-            self._store.set(_FAILURE_KEY, message)
+            self._store.set(_FAILURE_KEY, json.dumps(failure))
             # The store may live in this process (rank 0 under a spawn launcher): give peers a moment to
             # read the error before this process exits and takes the store down with it.
             deadline = time.monotonic() + 10.0
@@ -256,12 +283,14 @@ class FailureMonitor:
             try:
                 if not self._store.check([_FAILURE_KEY]):
                     continue
-                message = self._store.get(_FAILURE_KEY).decode()
+                failure = json.loads(self._store.get(_FAILURE_KEY).decode())
                 if self._failed_locally:
                     return
                 self._store.set(f"ack{self._rank}", "1")
             except Exception:  # store gone (peers exited normally): stop watching, timeouts still apply
                 return
+            message = f"rank {failure['rank']} failed with {failure['error']}"
             log.error("stopping rank %d because %s", self._rank, message)
+            _record_peer_failure(failure, message)
             logging.shutdown()
             os._exit(1)
