@@ -43,6 +43,14 @@ class LaunchError(RuntimeError):
         self.failures = dict(failures)
 
 
+class LaunchInterrupted(RuntimeError):
+    """This process got SIGTERM or SIGINT; the launcher passed it on to the workers and waited for them."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name}")
+        self.signal_name = signal_name
+
+
 @dataclass(frozen=True, kw_only=True)
 class LaunchSpec:
     """The processes to start on this node and how the nodes find each other.
@@ -56,6 +64,10 @@ class LaunchSpec:
         join_timeout_s: how long a node waits for the others to join before giving up.
         threads_per_worker: CPU threads per worker (``OMP_NUM_THREADS``) unless the environment sets it;
             ``None`` divides this machine's cores among the workers.
+        max_restarts: how often the workers of this node are restarted after one fails (0: the failure
+            ends the launch; a generation run fails the same way again, a server may recover).
+        stop_timeout_s: after SIGTERM/SIGINT (forwarded to the workers), how long the workers may take to
+            exit before they are killed.
     """
 
     devices: int = 1
@@ -65,6 +77,8 @@ class LaunchSpec:
     master_port: int | None = None
     join_timeout_s: float = 300.0
     threads_per_worker: int | None = None
+    max_restarts: int = 0
+    stop_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("devices", "num_nodes"):
@@ -85,6 +99,10 @@ class LaunchSpec:
             )
         if not self.join_timeout_s > 0:
             raise ValueError(f"join_timeout_s must be > 0, got {self.join_timeout_s!r}.")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts!r}.")
+        if not self.stop_timeout_s > 0:
+            raise ValueError(f"stop_timeout_s must be > 0, got {self.stop_timeout_s!r}.")
 
     @property
     def world_size(self) -> int:
@@ -124,6 +142,7 @@ def launch_script(spec: LaunchSpec, script: str | os.PathLike[str], args: Sequen
 
 def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[Any]) -> dict[int, Any]:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -146,14 +165,15 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
             rdzv_backend="static",
             rdzv_endpoint=f"{spec.master_addr}:{port}",
             rdzv_configs={"rank": spec.node_rank, "timeout": max(1, int(spec.join_timeout_s))},
-            # A failed generation is not retried: the same input would fail again.
-            max_restarts=0,
+            max_restarts=spec.max_restarts,
             # Long enough for a failing worker to record its error before the launcher stops it because a
             # peer that saw the failure (accel's failure monitor) exited first.
             monitor_interval=0.5,
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         )
+        if "shutdown_timeout" in LaunchConfig.__dataclass_fields__:  # torch >= 2.12
+            config.shutdown_timeout = max(1, int(spec.stop_timeout_s))
         log.info(
             "starting %d worker(s) on node %d/%d, rendezvous %s:%d",
             spec.devices,
@@ -166,6 +186,9 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
             results: dict[int, Any] = elastic_launch(config, entrypoint)(*args)
         except ChildFailedError as exc:
             raise _launch_error(exc) from None
+        except SignalException as exc:
+            # The launcher forwarded the signal to the workers and waited for them to exit.
+            raise LaunchInterrupted(exc.sigval.name) from None
         except (RuntimeError, ValueError, TimeoutError, OSError) as exc:
             # Rendezvous problems (port taken, node 0 unreachable, other nodes never came).
             raise LaunchError(

@@ -15,7 +15,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each command lives in its own module; importing it adds the command to ``app``.
-    from accel.cli import bench, doctor, export, inspect, plan, run  # noqa: F401
+    from accel.cli import bench, doctor, export, inspect, plan, run, serve  # noqa: F401
 
 
 def main() -> None:

@@ -10,11 +10,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from accel.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Image file suffixes ``--output`` may end in (PIL writes each by its suffix).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -113,26 +115,48 @@ def _step_progress(enabled: bool, total_images: int, steps: int) -> Iterator[Cal
         yield for_call
 
 
+def load_wrapped(acc: Any, source: dict[str, Any]) -> tuple[Any, Any]:
+    """The pipeline ``source`` names, loaded for ``acc``'s precision and device, and its wrapper."""
+    import torch
+
+    device = acc.device
+    dtype = acc.settings.dtype
+    if dtype is None and source["kind"] == "arch":
+        # Full-size random-weight models: fp16 on GPUs, as `accel plan --arch` profiles them.
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = load_pipeline(source, dtype=dtype, device="cpu" if source["kind"] != "arch" else device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # accel's own bar replaces diffusers' per-rank bars
+    return pipe, acc.wrap(pipe)
+
+
 def generate(job: GenerationJob) -> dict[str, Any]:
     """The worker: join the process group, generate every batch, save the images on rank 0.
 
     Returns ``{"rank", "images", "calls", "seconds"}``; ``images`` is empty on ranks other than 0. Every
     rank computes every image (the pipeline's output is complete on each rank); only rank 0 writes.
     """
+    return run_in_group(job.settings, job.log_level, lambda acc: _generate(acc, job))
+
+
+def run_in_group(settings: dict[str, Any], log_level: str, work: Callable[[Any], T]) -> T:
+    """In a launched worker process: join the group with ``settings`` (:class:`accel.AccelSettings`
+    keyword arguments), return ``work(accelerator)`` and leave the group; a failure is posted to the
+    other ranks first."""
     import lightning  # noqa: F401  (its import sets its loggers to INFO; quieted below, after it)
 
     import accel
 
     # A fresh process: its log format is this worker's to choose, with the rank on every line.
     rank = os.environ.get("RANK", "?")
-    logging.basicConfig(level=job.log_level, format=f"%(asctime)s rank {rank} %(name)s: %(message)s")
+    logging.basicConfig(level=log_level, format=f"%(asctime)s rank {rank} %(name)s: %(message)s")
     # Fabric announces every process group at INFO; the run's own summary says what matters.
     for name in ("lightning.fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    acc = accel.Accelerator(settings=accel.AccelSettings(**job.settings))
+    acc = accel.Accelerator(settings=accel.AccelSettings(**settings))
     acc.launch()
     try:
-        result = _generate(acc, job)
+        result = work(acc)
     except BaseException as exc:
         acc.report_failure(exc)  # peers on other nodes stop now instead of at the collective timeout
         raise
@@ -141,19 +165,9 @@ def generate(job: GenerationJob) -> dict[str, Any]:
 
 
 def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
-    import torch
-
     import accel
 
-    device = acc.device
-    dtype = acc.settings.dtype
-    if dtype is None and job.source["kind"] == "arch":
-        # Full-size random-weight models: fp16 on GPUs, as `accel plan --arch` profiles them.
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(job.source, dtype=dtype, device="cpu" if job.source["kind"] != "arch" else device)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)  # accel's own bar replaces diffusers' per-rank bars
-    wrapped = acc.wrap(pipe)
+    pipe, wrapped = load_wrapped(acc, job.source)
     takes_callback = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
     paths = output_paths(job.output, len(job.prompts))
     written: list[str] = []
@@ -186,19 +200,15 @@ def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
 
 
 def _call_arguments(job: GenerationJob, start: int, prompts: list[str]) -> dict[str, Any]:
-    import torch
+    from accel.images import call_arguments
 
-    call: dict[str, Any] = dict(
-        prompt=prompts,
-        num_inference_steps=job.steps,
-        guidance_scale=job.guidance,
-        # One generator per image: image i looks the same whatever the batch size.
-        generator=[torch.Generator("cpu").manual_seed(job.seed + start + i) for i in range(len(prompts))],
+    return call_arguments(
+        prompts,
+        # Image i (over all prompts) uses seed + i: it looks the same whatever the batch size.
+        [job.seed + start + i for i in range(len(prompts))],
+        steps=job.steps,
+        guidance=job.guidance,
+        negative_prompts=[job.negative_prompt] * len(prompts) if job.negative_prompt else None,
+        height=job.height,
+        width=job.width,
     )
-    if job.negative_prompt:
-        call["negative_prompt"] = [job.negative_prompt] * len(prompts)
-    if job.height is not None:
-        call["height"] = job.height
-    if job.width is not None:
-        call["width"] = job.width
-    return call

@@ -408,10 +408,10 @@ def _plan_worlds(stages: int) -> list[int]:
     return [2, 4] if stages == 2 else [2 * stages]
 
 
-def _generation_job(
-    tgt: Target, options: dict[str, Any], where: _Where, *, as_json: bool, verbose: bool
-) -> tuple[GenerationJob, Any]:
-    o = dict(options)
+def worker_settings(tgt: Target, options: dict[str, Any], where: _Where) -> tuple[dict[str, Any], _Where]:
+    """The :class:`accel.AccelSettings` keyword arguments every worker makes for a model or plan target,
+    checked here against this machine, and ``where`` with its device count decided."""
+    o = options
     plan = tgt.plan
     strategy = o["strategy"] or ("hybrid" if plan is not None else "cfg")
     num_nodes, devices = where.num_nodes, where.devices
@@ -454,6 +454,17 @@ def _generation_job(
     if plan is not None and strategy == "hybrid":
         settings["plan"] = str(tgt.plan_path.resolve()) if tgt.plan_path is not None else None
     checked = _check_devices(where, **settings)
+    settings.update(devices=checked.devices, num_nodes=checked.num_nodes, accelerator=checked.accelerator)
+    return settings, where
+
+
+def _generation_job(
+    tgt: Target, options: dict[str, Any], where: _Where, *, as_json: bool, verbose: bool
+) -> tuple[GenerationJob, Any]:
+    o = dict(options)
+    plan = tgt.plan
+    settings, where = worker_settings(tgt, o, where)
+    strategy = settings["strategy"]
     spec = _launch_spec(where)
     prompts = _read_prompts(o["prompt"], o["prompts_file"])
     output = o["output"] or Path("accel-out.png")
@@ -466,12 +477,6 @@ def _generation_job(
         batch_size = batch_size or plan.batches[0]
         if strategy == "hybrid":
             _check_plan_shapes(tgt, height, width, batch_size, len(prompts))
-    settings = {
-        **settings,
-        "devices": checked.devices,
-        "num_nodes": checked.num_nodes,
-        "accelerator": checked.accelerator,
-    }
     job = GenerationJob(
         source=dict(tgt.source or {}),
         settings=settings,
