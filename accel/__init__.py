@@ -10,24 +10,25 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from accel.version import __version__ as __version__
+
 if TYPE_CHECKING:
     from accel.accelerator import Accelerator, DeviceUnavailableError
-    from accel.runtime.comm import PeerFailedError, RankMismatchError
-    from accel.runtime.schedule import ScheduleSettings
-    from accel.settings import AccelSettings, SettingsError
+    from accel.errors import AccelError
+    from accel.runtime.comm import RankMismatchError
+    from accel.settings import AccelSettings, ScheduleSettings, SettingsError
     from accel.wrapper import AcceleratedPipeline, CallReport, UnsupportedPipelineError, unwrap
 
-__version__ = "0.1.0"
 
 # Public names and the module each lives in. They are imported on first use, so that `import accel`
 # (and every `accel` command that needs no pipeline, such as `accel inspect` or `--help`) does not pay
 # for importing diffusers and the runtime.
 _EXPORTS = {
+    "AccelError": "accel.errors",
     "Accelerator": "accel.accelerator",
     "DeviceUnavailableError": "accel.accelerator",
-    "PeerFailedError": "accel.runtime.comm",
     "RankMismatchError": "accel.runtime.comm",
-    "ScheduleSettings": "accel.runtime.schedule",
+    "ScheduleSettings": "accel.settings",
     "AccelSettings": "accel.settings",
     "SettingsError": "accel.settings",
     "AcceleratedPipeline": "accel.wrapper",
@@ -58,21 +59,15 @@ def wrap(pipe: Any, *, accelerator: Accelerator | str | None = None, **settings:
         settings: ``devices``, ``strategy``, ``precision``, ``backend``, ``window_guidance``, ``schedule``,
             ``plan``, ... (see :class:`AccelSettings`) for a new Accelerator, which is launched (joining
             torchrun's process group, for example). With an existing Accelerator only the per-pipeline
-            settings ``strategy``, ``window_guidance``, ``schedule`` and ``plan`` may be given.
+            settings ``strategy``, ``window_guidance``, ``schedule``, ``plan``, ``backend``, ``engines``,
+            ``strict`` and ``compile_vae`` (``accel.settings.PIPELINE_SETTINGS``) may be given.
 
     Returns:
         A wrapper that is called exactly like ``pipe`` and returns the same output on every rank.
     """
     from accel.accelerator import Accelerator
-    from accel.settings import PIPELINE_SETTINGS, SettingsError
 
     if isinstance(accelerator, Accelerator):
-        other = sorted(set(settings) - set(PIPELINE_SETTINGS))
-        if other:
-            raise SettingsError(
-                f"pass settings either to the Accelerator or to wrap(), not both (got {other}); only "
-                f"{', '.join(PIPELINE_SETTINGS)} may change per pipeline."
-            )
         return accelerator.wrap(pipe, **settings)
     if accelerator is not None:
         settings["accelerator"] = accelerator
@@ -80,12 +75,12 @@ def wrap(pipe: Any, *, accelerator: Accelerator | str | None = None, **settings:
 
 
 __all__ = [
+    "AccelError",
     "AccelSettings",
     "AcceleratedPipeline",
     "Accelerator",
     "CallReport",
     "DeviceUnavailableError",
-    "PeerFailedError",
     "RankMismatchError",
     "ScheduleSettings",
     "SettingsError",

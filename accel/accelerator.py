@@ -19,20 +19,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from accel.compile.runner import StageRunner
+from accel.errors import AccelError
+from accel.launch import launched_environment
 from accel.runtime.comm import Communicator, FailureMonitor
 from accel.runtime.groups import GroupLayout
-from accel.settings import PIPELINE_SETTINGS, AccelSettings, SettingsError
+from accel.settings import AccelSettings, SettingsError, check_pipeline_settings
+from accel.wrapper import AcceleratedPipeline, ProcessContext, wrap_pipeline
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
-    from accel.compile.runner import StageRunner
-    from accel.wrapper import AcceleratedPipeline
-
 log = logging.getLogger(__name__)
 
 
-class DeviceUnavailableError(RuntimeError):
+class DeviceUnavailableError(AccelError, RuntimeError):
     """The requested devices do not exist on this machine."""
 
 
@@ -78,7 +79,7 @@ class Accelerator:
         the processes exist already: this process joins and calls ``function`` itself, returning its own
         result.
         """
-        external = _launcher_environment() is not None
+        external = launched_environment() is not None
         if function is None or external:
             if self._fabric is None:
                 fabric = self._make_fabric(spawn=False)
@@ -201,25 +202,28 @@ class Accelerator:
         """Accelerate a diffusers pipeline in place; returns a wrapper with the same call signature.
 
         ``pipeline_settings`` may override the per-pipeline settings (``strategy``, ``window_guidance``,
-        ``schedule``, ``plan``) of this Accelerator for this pipeline only; they are validated like the rest.
+        ``schedule``, ``plan``, ``backend``, ``engines``, ``strict``, ``compile_vae``: ``PIPELINE_SETTINGS``)
+        of this Accelerator for this pipeline only; they are validated like the rest.
         """
-        from accel.wrapper import wrap_pipeline
-
-        unknown = sorted(set(pipeline_settings) - set(PIPELINE_SETTINGS))
-        if unknown:
-            raise SettingsError(
-                f"{', '.join(unknown)} cannot change per pipeline; per-pipeline settings are "
-                f"{', '.join(PIPELINE_SETTINGS)}. Pass the others to the Accelerator."
-            )
+        check_pipeline_settings(pipeline_settings)
         settings = self.settings.replace(**pipeline_settings) if pipeline_settings else self.settings
         if not self.is_launched:
             self.launch()
-        return wrap_pipeline(pipe, self, settings)
+        process = ProcessContext(
+            owner=self,
+            settings=self.settings,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            layout=self.layout,
+            comm=self.comm,
+            stage_runner=self.stage_runner,
+            report_failure=self.report_failure,
+        )
+        return wrap_pipeline(pipe, process, settings)
 
     def stage_runner(self, denoiser: torch.nn.Module, settings: AccelSettings) -> StageRunner:
         """The compiled stage callables of ``denoiser`` for ``settings``' backend, shared by its wraps."""
-        from accel.compile.runner import StageRunner
-
         key = (id(denoiser), settings.backend, settings.engines, settings.strict)
         entry = self._runners.get(key)
         if entry is None or entry[0] is not denoiser:
@@ -233,16 +237,10 @@ class Accelerator:
         return f"Accelerator({self.settings!r}, {where})"
 
 
-def _launcher_environment() -> dict[str, int] | None:
-    from accel.launch import launched_environment
-
-    return launched_environment()
-
-
 def _launcher_layout(settings: AccelSettings) -> AccelSettings:
     """Under an external launcher (``accel run``, torchrun) the processes exist already: their layout
     decides ``devices`` and ``num_nodes``, so one script runs unchanged on any layout it is launched with."""
-    env = _launcher_environment()
+    env = launched_environment()
     if env is None:
         return settings
     local, world = env["local_world_size"], env["world_size"]
@@ -272,7 +270,8 @@ def _resolve_accelerator(settings: AccelSettings) -> str:
     if kind == "cuda" and n_cuda < settings.devices:
         raise DeviceUnavailableError(
             f"devices={settings.devices} CUDA devices were requested but this machine has {n_cuda}. "
-            "Lower devices, or pass accelerator='cpu' to run that many CPU processes (gloo)."
+            "Lower devices (--devices), or pass accelerator='cpu' (--accelerator cpu) to run that many CPU "
+            "processes (gloo)."
         )
     return kind
 

@@ -20,14 +20,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import runpy
 import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from accel.errors import AccelError
+from accel.settings import SettingsError, check_count
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ log = logging.getLogger(__name__)
 RUN_ID = "accel-run"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(AccelError, RuntimeError):
     """A worker process failed; the message names the rank and its error (``failures``: rank -> error)."""
 
     def __init__(self, message: str, failures: Mapping[int, str]) -> None:
@@ -43,7 +48,7 @@ class LaunchError(RuntimeError):
         self.failures = dict(failures)
 
 
-class LaunchInterrupted(RuntimeError):
+class LaunchInterrupted(AccelError, RuntimeError):
     """This process got SIGTERM or SIGINT; the launcher passed it on to the workers and waited for them."""
 
     def __init__(self, signal_name: str) -> None:
@@ -81,28 +86,29 @@ class LaunchSpec:
     stop_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("devices", "num_nodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_count("devices", self.devices)
+        check_count("num_nodes", self.num_nodes)
         if not 0 <= self.node_rank < self.num_nodes:
-            raise ValueError(
-                f"node_rank={self.node_rank} is outside 0..{self.num_nodes - 1} for num_nodes={self.num_nodes}; "
-                "give each node its own rank, 0 for the node at master_addr."
+            raise SettingsError(
+                f"node_rank={self.node_rank} (--node-rank) is outside 0..{self.num_nodes - 1} for "
+                f"num_nodes={self.num_nodes}; give each node its own rank, 0 for the node at master_addr."
             )
         if self.master_port is not None and not 1 <= self.master_port <= 65535:
-            raise ValueError(f"master_port={self.master_port} is not a TCP port (1-65535).")
+            raise SettingsError(
+                f"master_port={self.master_port} (--master-port) is not a TCP port (1-65535)."
+            )
         if self.num_nodes > 1 and self.master_port is None:
-            raise ValueError(
-                f"num_nodes={self.num_nodes} needs master_port (and master_addr, the address of node 0): every "
-                "node must be told the same port, so none can be picked at random."
+            raise SettingsError(
+                f"num_nodes={self.num_nodes} needs master_port (accel run --num-nodes {self.num_nodes} needs "
+                "--master-port) and master_addr, the address of node 0: every node must be told the same port, "
+                "so none can be picked at random."
             )
         if not self.join_timeout_s > 0:
-            raise ValueError(f"join_timeout_s must be > 0, got {self.join_timeout_s!r}.")
+            raise SettingsError(f"join_timeout_s must be > 0, got {self.join_timeout_s!r}.")
         if self.max_restarts < 0:
-            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts!r}.")
+            raise SettingsError(f"max_restarts must be >= 0 (--max-restarts), got {self.max_restarts!r}.")
         if not self.stop_timeout_s > 0:
-            raise ValueError(f"stop_timeout_s must be > 0, got {self.stop_timeout_s!r}.")
+            raise SettingsError(f"stop_timeout_s must be > 0, got {self.stop_timeout_s!r}.")
 
     @property
     def world_size(self) -> int:
@@ -141,6 +147,7 @@ def launch_script(spec: LaunchSpec, script: str | os.PathLike[str], args: Sequen
 
 
 def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[Any]) -> dict[int, Any]:
+    # Deferred: torch is imported when launching, not when the command line (which imports this) starts.
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -270,8 +277,6 @@ def _kept_signal_handlers() -> Iterator[None]:
     try:
         yield
     finally:
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for s, handler in saved.items():
                 signal.signal(s, handler)
@@ -324,8 +329,6 @@ def launched_environment() -> dict[str, int] | None:
 
 def _run_script(argv: Sequence[str]) -> None:
     """Run ``argv[0]`` as ``__main__`` with ``sys.argv = argv``, recording an exception for the launcher."""
-    import runpy
-
     from torch.distributed.elastic.multiprocessing.errors import record
 
     script = argv[0]

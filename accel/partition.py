@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from accel.errors import AccelError
 from accel.models.base import TensorEdge
 
 #: Default link bandwidth in GB/s (1e9 bytes per second): a conservative figure for GPU peer links.
@@ -30,7 +31,7 @@ DEFAULT_LINK_GBPS = 50.0
 LAYOUTS = ("chain", "onion")
 
 
-class PartitionError(ValueError):
+class PartitionError(AccelError, ValueError):
     """The partitioning problem is invalid (too few units, bad costs or bandwidth)."""
 
 

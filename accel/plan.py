@@ -22,16 +22,18 @@ from typing import Any
 import torch
 
 from accel.atomic import write_text_atomic
+from accel.errors import AccelError
 from accel.models.base import TensorEdge, dtype_name, parameter_placement
 from accel.settings import PRECISIONS
+from accel.source import SOURCE_FIELDS, SOURCE_KINDS, ModelSource
+from accel.version import __version__
 
 SCHEMA_VERSION = 1
 FAMILIES = ("unet", "dit")
 LAYOUTS = ("chain", "onion")
-SOURCE_KINDS = ("folder", "hub", "demo", "arch")
 
 
-class PlanError(ValueError):
+class PlanError(AccelError, ValueError):
     """A plan file is unreadable or does not fit; the message says what differs and how to fix it."""
 
 
@@ -136,7 +138,7 @@ class PlanStage:
 def _source(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping) or value.get("kind") not in SOURCE_KINDS:
         raise _fail("source", value, "a dict whose 'kind' is one of " + ", ".join(SOURCE_KINDS))
-    required = {"folder": "path", "hub": "id", "demo": "name", "arch": "name"}[value["kind"]]
+    required = SOURCE_FIELDS[value["kind"]]
     if not isinstance(value.get(required), str):
         raise _fail(f"source.{required}", value.get(required), "a string")
     return dict(value)
@@ -327,13 +329,7 @@ class Plan:
         dtype: str | None = None,
     ) -> str:
         """The ``accel plan`` command that makes a plan like this one (with some settings changed)."""
-        kind = self.source["kind"]
-        model = {
-            "folder": lambda: str(self.source["path"]),
-            "hub": lambda: str(self.source["id"]),
-            "demo": lambda: f"--demo {self.source['name']}",
-            "arch": lambda: f"--arch {self.source['name']}",
-        }[kind]()
+        model = ModelSource.from_dict(self.source).command_argument
         h, w = self.resolutions[0]
         return (
             f"accel plan {model} --height {height or h} --width {width or w} --devices {devices or self.devices} "
@@ -506,7 +502,6 @@ def build_plan(
     ``batch`` is the per-device batch of a CFG-split step (one guidance branch); ``height``/``width`` are
     pixels. ``source`` says how ``accel run`` gets the model back (see :class:`Plan`).
     """
-    from accel import __version__
     from accel.models import adapt
     from accel.partition import DEFAULT_LINK_GBPS, PartitionError, partition
     from accel.profile import profile_units

@@ -3,15 +3,155 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import torch
+from accel.errors import AccelError
 
-from accel.runtime.schedule import ScheduleError, ScheduleSettings
+if TYPE_CHECKING:
+    import torch
+
+ScheduleMode = Literal["adaptive", "window", "always", "never"]
+SCHEDULE_MODES: tuple[str, ...] = get_args(ScheduleMode)
+
+
+class ScheduleError(AccelError, ValueError):
+    """A schedule setting is invalid; the message names the field and the valid values."""
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """The published switch-rule constants of one denoiser family."""
+
+    lookback: int
+    eps: float
+    k: int
+    tau_cap: int
+
+
+#: SDXL (U-Net) and SD3 (DiT) defaults: the published constants, except the DiT's latest switch step
+#: (published: 40). SD3's flow-matching schedule takes its largest steps last, so a fallback window at
+#: steps 41-45 deviated most of all window positions measured on the trained SD3-family model
+#: (docs/quality.md); with 20 the fallback window is steps 21-25.
+FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
+    "unet": FamilyDefaults(lookback=12, eps=4e-4, k=5, tau_cap=15),
+    "dit": FamilyDefaults(lookback=15, eps=5e-4, k=5, tau_cap=20),
+}
+
+
+def _positive_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ScheduleError(f"schedule {name} must be an integer >= {minimum}, got {value!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleSettings:
+    """When the hybrid runtime pipelines (validated on construction).
+
+    Attributes:
+        mode: ``"adaptive"`` (the published slope rule), ``"window"`` (the fixed steps ``window``),
+            ``"always"`` (pipeline every step after a warm-up of ``lookback`` CFG steps), ``"never"``
+            (CFG split only; exact).
+        window: ``(start, end)``, 0-based steps, inclusive, for ``mode="window"``; ``start >= 1``, since the
+            window starts from activations of the CFG step before it. An end past the last step is clamped.
+        lookback: ``L`` of the slope rule (``None``: the family default, 12 for U-Nets, 15 for DiTs).
+        eps: slope threshold (``None``: 4e-4 for U-Nets, 5e-4 for DiTs).
+        k: pipelined steps per window (``None``: 5).
+        tau_cap: latest switch step (``None``: 15 for U-Nets, 20 for DiTs; published: 15 and 40).
+    """
+
+    mode: ScheduleMode = "adaptive"
+    window: tuple[int, int] | None = None
+    lookback: int | None = None
+    eps: float | None = None
+    k: int | None = None
+    tau_cap: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCHEDULE_MODES:
+            choices = ", ".join(repr(m) for m in SCHEDULE_MODES)
+            raise ScheduleError(f"schedule mode {self.mode!r} is not supported; choose one of {choices}.")
+        if self.mode == "window":
+            window = self.window
+            if (
+                not isinstance(window, Sequence)
+                or isinstance(window, str)
+                or len(window) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in window)
+            ):
+                raise ScheduleError(
+                    f"schedule window must be a (start, end) pair of integers, got {window!r}."
+                )
+            start, end = int(window[0]), int(window[1])
+            if start < 1 or end < start:
+                raise ScheduleError(
+                    f"schedule window {tuple(window)!r} is invalid: need 1 <= start <= end (0-based steps, "
+                    "inclusive; step 0 must be a CFG step, whose activations start the window)."
+                )
+            object.__setattr__(self, "window", (start, end))
+        elif self.window is not None:
+            raise ScheduleError(f"schedule window={self.window!r} needs mode='window', not {self.mode!r}.")
+        if self.lookback is not None:
+            _positive_int("lookback", self.lookback, 1)
+        if self.k is not None:
+            _positive_int("k", self.k, 1)
+        if self.tau_cap is not None:
+            _positive_int("tau_cap", self.tau_cap, 0)
+        if self.eps is not None and (
+            isinstance(self.eps, bool) or not isinstance(self.eps, int | float) or not self.eps > 0
+        ):
+            raise ScheduleError(f"schedule eps must be a number > 0, got {self.eps!r}.")
+
+    @classmethod
+    def parse(cls, value: Any) -> ScheduleSettings:
+        """Accept ``None`` (adaptive), a mode name, a ``(start, end)`` window, a dict or a ScheduleSettings."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(mode=value)  # type: ignore[arg-type]
+        if isinstance(value, Mapping):
+            data = dict(value)
+            if data.get("window") is not None:
+                data["window"] = tuple(data["window"])
+            try:
+                return cls(**data)
+            except TypeError as exc:
+                raise ScheduleError(f"invalid schedule settings {value!r}: {exc}") from None
+        if isinstance(value, Sequence):
+            return cls(mode="window", window=tuple(value))  # type: ignore[arg-type]
+        raise ScheduleError(
+            f"schedule={value!r} is not understood: pass 'adaptive', 'always', 'never', a (start, end) "
+            "window or ScheduleSettings(...)."
+        )
+
+    def resolve(self, family: str) -> ResolvedSchedule:
+        """Fill the family defaults (``"unet"`` or ``"dit"``)."""
+        defaults = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["unet"])
+        return ResolvedSchedule(
+            mode=self.mode,
+            window=self.window,
+            lookback=defaults.lookback if self.lookback is None else self.lookback,
+            eps=defaults.eps if self.eps is None else float(self.eps),
+            k=defaults.k if self.k is None else self.k,
+            tau_cap=defaults.tau_cap if self.tau_cap is None else self.tau_cap,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedSchedule:
+    """A schedule with every constant filled in."""
+
+    mode: str
+    window: tuple[int, int] | None
+    lookback: int
+    eps: float
+    k: int
+    tau_cap: int
+
 
 # Only what this version implements; an unknown value is refused with the valid choices.
 Strategy = Literal["cfg", "hybrid"]
@@ -20,11 +160,34 @@ AcceleratorKind = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "fp16", "bf16"]
 Backend = Literal["eager", "inductor", "aot", "onnx", "tensorrt"]
 
-STRATEGIES: tuple[str, ...] = ("cfg", "hybrid")
-WINDOW_GUIDANCE: tuple[str, ...] = ("reference", "cached", "off")
-ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "cuda")
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BACKENDS: tuple[str, ...] = ("eager", "inductor", "aot", "onnx", "tensorrt")
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+WINDOW_GUIDANCE: tuple[str, ...] = get_args(WindowGuidance)
+ACCELERATORS: tuple[str, ...] = get_args(AcceleratorKind)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+class _TorchDtypes(Mapping[str, "torch.dtype"]):
+    """Precision name -> torch dtype. Torch is imported on the first lookup, not with this module: the
+    command line reads these settings' choices, and ``accel --help`` must not wait for torch."""
+
+    _NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self._NAMES[name])  # type: ignore[no-any-return]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._NAMES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+
+PRECISIONS: Mapping[str, torch.dtype] = _TorchDtypes()
 #: Settings that ``Accelerator.wrap(pipe, ...)`` / ``accel.wrap(pipe, accelerator=acc, ...)`` may override.
 PIPELINE_SETTINGS: tuple[str, ...] = (
     "strategy",
@@ -38,11 +201,41 @@ PIPELINE_SETTINGS: tuple[str, ...] = (
 )
 
 
-class SettingsError(ValueError):
+class SettingsError(AccelError, ValueError):
     """A setting has an invalid value; the message names the setting and the valid choices."""
 
 
-def _choice(name: str, value: object, valid: tuple[str, ...] | dict[str, Any]) -> None:
+def check_count(name: str, value: object, error: type[AccelError] | None = None) -> None:
+    """Refuse (``error``, default :class:`SettingsError`) a count of processes or nodes that is not a
+    positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise (error or SettingsError)(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_world_size(devices: int, num_nodes: int = 1, error: type[AccelError] | None = None) -> None:
+    """Refuse (``error``, default :class:`SettingsError`) an odd world size above 1: the two guidance
+    branches split the processes into two equal CFG groups."""
+    world = devices * num_nodes
+    if world > 1 and world % 2:
+        layout = f" (devices={devices} x num_nodes={num_nodes})" if num_nodes > 1 or error is None else ""
+        raise (error or SettingsError)(
+            f"world size {world}{layout} is odd: the two guidance branches need an even number of devices. "
+            "Use 1, 2 or another even count."
+        )
+
+
+def check_pipeline_settings(names: Iterable[str]) -> None:
+    """Refuse settings that cannot change per pipeline (only :data:`PIPELINE_SETTINGS` can)."""
+    other = sorted(set(names) - set(PIPELINE_SETTINGS))
+    if other:
+        raise SettingsError(
+            f"{', '.join(other)} cannot change per pipeline: pass settings either to the Accelerator or to "
+            f"wrap(), not both. Per-pipeline settings are {', '.join(PIPELINE_SETTINGS)}; pass the others to "
+            "the Accelerator."
+        )
+
+
+def _choice(name: str, value: object, valid: Collection[str]) -> None:
     if value not in valid:
         choices = ", ".join(repr(v) for v in valid)
         raise SettingsError(f"{name}={value!r} is not supported; choose one of {choices}.")
@@ -98,10 +291,8 @@ class AccelSettings:
     compile_vae: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("devices", "num_nodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SettingsError(f"{name} must be a positive integer, got {value!r}.")
+        check_count("devices", self.devices)
+        check_count("num_nodes", self.num_nodes)
         _choice("accelerator", self.accelerator, ACCELERATORS)
         _choice("strategy", self.strategy, STRATEGIES)
         if self.precision is not None:
@@ -131,12 +322,7 @@ class AccelSettings:
                 raise SettingsError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if not self.collective_timeout_s > 0:
             raise SettingsError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s!r}.")
-        world = self.world_size
-        if world > 1 and world % 2:
-            raise SettingsError(
-                f"world size {world} (devices={self.devices} x num_nodes={self.num_nodes}) is odd: "
-                "the two guidance branches need an even number of devices. Use 1, 2 or another even count."
-            )
+        check_world_size(self.devices, self.num_nodes)
 
     @property
     def world_size(self) -> int:
@@ -151,8 +337,3 @@ class AccelSettings:
     def replace(self, **changes: Any) -> AccelSettings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-    def fingerprint(self) -> str:
-        """A short hash of every field, used to check that all ranks agree."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]

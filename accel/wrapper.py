@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,25 +18,53 @@ import torch
 import torch.distributed as dist
 from diffusers.hooks import HookRegistry
 
+from accel.errors import AccelError
+from accel.plan import Plan, PlanError, build_plan, config_hash, load_plan, weights_fingerprint
+from accel.runtime.comm import Communicator
+from accel.runtime.compiled import COMPILED_HOOK, DECODER_HOOK, CompiledDecoderHook, CompiledDenoiserHook
 from accel.runtime.group_pipeline import GroupPipelineHook
+from accel.runtime.groups import GroupLayout
 from accel.runtime.guidance import HOOK_NAME, CFGSplitHook
 from accel.runtime.pipeline import HybridHook
 from accel.runtime.window import WindowHook, WindowOptions
+from accel.settings import AccelSettings
+from accel.source import ModelSource
 
 if TYPE_CHECKING:
-    from accel.accelerator import Accelerator
     from accel.compile.runner import StageRunner
     from accel.models import DenoiserAdapter
-    from accel.plan import Plan
-    from accel.settings import AccelSettings
 
 log = logging.getLogger(__name__)
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
 
-class UnsupportedPipelineError(TypeError):
+class UnsupportedPipelineError(AccelError, TypeError):
     """The object is not a diffusers pipeline with a denoiser accel can split."""
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    """What a wrapped pipeline needs of the process it runs in (the Accelerator makes it once launched).
+
+    Attributes:
+        owner: the object that launched this process (``AcceleratedPipeline.accelerator``).
+        settings: the owner's settings (a pipeline may override the per-pipeline ones).
+        device, rank, world_size, layout: this process's device, global rank, process count and CFG groups.
+        comm: the communicator (``None`` with one process).
+        stage_runner: the compiled stage callables of a denoiser for some settings, shared by its wraps.
+        report_failure: tells every other rank that this rank failed, so that they stop waiting.
+    """
+
+    owner: Any
+    settings: AccelSettings
+    device: torch.device
+    rank: int
+    world_size: int
+    layout: GroupLayout
+    comm: Communicator | None
+    stage_runner: Callable[[torch.nn.Module, AccelSettings], StageRunner]
+    report_failure: Callable[[BaseException], None]
 
 
 @dataclass(frozen=True)
@@ -89,8 +118,6 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Class, architecture config and weights sample of a model, to check that all ranks loaded the same one."""
-    from accel.plan import config_hash, weights_fingerprint
-
     return f"{type(model).__name__}/{config_hash(model)}/{weights_fingerprint(model)}"
 
 
@@ -104,13 +131,13 @@ class AcceleratedPipeline:
     def __init__(
         self,
         pipe: Any,
-        accelerator: Accelerator,
+        process: ProcessContext,
         hook: CFGSplitHook | None,
         restore: list[_HookSite],
         runner: StageRunner | None = None,
     ) -> None:
         object.__setattr__(self, "_pipe", pipe)
-        object.__setattr__(self, "_accelerator", accelerator)
+        object.__setattr__(self, "_process", process)
         object.__setattr__(self, "_hook", hook)
         object.__setattr__(self, "_restore", restore)
         object.__setattr__(self, "_runner", runner)
@@ -122,9 +149,9 @@ class AcceleratedPipeline:
         return self._pipe
 
     @property
-    def accelerator(self) -> Accelerator:
+    def accelerator(self) -> Any:
         """The Accelerator this pipeline runs on."""
-        return self._accelerator
+        return self._process.owner
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -158,7 +185,7 @@ class AcceleratedPipeline:
         pipe = self._pipe
         if pipe is None:
             raise RuntimeError("this accelerated pipeline was unwrapped; use the object unwrap() returned.")
-        acc = self._accelerator
+        acc = self._process
         comm = acc.comm
         if comm is not None and kwargs.get("generator") is None and kwargs.get("latents") is None:
             # Ranks must draw the same initial noise or they diverge: agree on one seed per call.
@@ -218,7 +245,7 @@ class AcceleratedPipeline:
         return output
 
     def __repr__(self) -> str:
-        return f"AcceleratedPipeline({type(self._pipe).__name__}, {self._accelerator!r})"
+        return f"AcceleratedPipeline({type(self._pipe).__name__}, {self._process.owner!r})"
 
 
 def hook_module(pipe: Any) -> torch.nn.Module:
@@ -261,44 +288,42 @@ class _HookSite:
 
 
 def wrap_pipeline(
-    pipe: Any, accelerator: Accelerator, settings: AccelSettings | None = None
+    pipe: Any, process: ProcessContext, settings: AccelSettings | None = None
 ) -> AcceleratedPipeline:
-    """Attach accel to ``pipe`` (see :func:`accel.wrap`); ``settings``: the Accelerator's, possibly with
-    per-pipeline overrides."""
+    """Attach accel to ``pipe`` (see :func:`accel.wrap`) in the process ``process`` describes;
+    ``settings``: its settings, possibly with per-pipeline overrides."""
     if isinstance(pipe, AcceleratedPipeline):
         raise ValueError("this pipeline is already wrapped by accel; call accel.unwrap(pipe) first.")
     _, denoiser = find_denoiser(pipe)
     registry_before = getattr(denoiser, "_diffusers_hook", None)
     if registry_before is not None and registry_before.get_hook(HOOK_NAME) is not None:
         raise ValueError("the denoiser already carries an accel hook; call accel.unwrap(pipe) first.")
-    dtype = accelerator.settings.dtype
+    dtype = process.settings.dtype
     if dtype is None:
-        pipe.to(accelerator.device)
+        pipe.to(process.device)
     else:
-        pipe.to(accelerator.device, dtype)
-    comm = accelerator.comm
+        pipe.to(process.device, dtype)
+    comm = process.comm
     if comm is not None:
         comm.check_same("the denoiser (class, config, weights)", model_fingerprint(denoiser))
     site = _HookSite.of(denoiser)
     restore = [site]
-    settings = accelerator.settings if settings is None else settings
-    if comm is not None and settings is not accelerator.settings:
+    settings = process.settings if settings is None else settings
+    if comm is not None and settings is not process.settings:
         comm.check_same("the pipeline settings", repr(settings))
     loaded: Plan | None = None
     if settings.strategy == "hybrid" and settings.plan is not None and comm is not None:
-        from accel.plan import PlanError, load_plan
-
         problem: PlanError | None = None
-        stages = accelerator.layout.window_stages
+        stages = process.layout.window_stages
         try:
             loaded = load_plan(settings.plan)
             try:
                 loaded.validate_for(denoiser, devices=stages)
             except PlanError as exc:
-                if stages == accelerator.world_size:
+                if stages == process.world_size:
                     raise
                 raise PlanError(
-                    f"on {accelerator.world_size} devices each CFG group of {stages} ranks pipelines its "
+                    f"on {process.world_size} devices each CFG group of {stages} ranks pipelines its "
                     f"branch over {stages} stages: {exc}"
                 ) from None
             status = json.dumps(loaded.to_dict(), sort_keys=True)
@@ -310,7 +335,7 @@ def wrap_pipeline(
             raise problem
     runner: StageRunner | None = None
     if settings.backend != "eager":
-        runner = _install_compiled(pipe, accelerator, site, restore, settings)
+        runner = _install_compiled(pipe, process, site, restore, settings)
     hook: CFGSplitHook | None = None
     if comm is not None:
 
@@ -318,7 +343,7 @@ def wrap_pipeline(
             return bool(getattr(pipe, "do_classifier_free_guidance", False))
 
         if settings.strategy == "hybrid":
-            stages = accelerator.layout.window_stages
+            stages = process.layout.window_stages
             options: WindowOptions = dict(
                 guided=guided,
                 num_steps=lambda: _num_steps(pipe),
@@ -337,21 +362,14 @@ def wrap_pipeline(
             hook = CFGSplitHook(comm, owns_result=guided)
         # Registered last, so it is outermost: it slices the batch, then calls the compiled stage.
         site.register(hook, HOOK_NAME)
-    return AcceleratedPipeline(pipe, accelerator, hook, restore, runner)
+    return AcceleratedPipeline(pipe, process, hook, restore, runner)
 
 
 def _install_compiled(
-    pipe: Any, accelerator: Accelerator, site: _HookSite, restore: list[_HookSite], settings: AccelSettings
+    pipe: Any, process: ProcessContext, site: _HookSite, restore: list[_HookSite], settings: AccelSettings
 ) -> StageRunner:
     """Route the denoiser (and the VAE decoder) through compiled stages of ``settings.backend``."""
-    from accel.runtime.compiled import (
-        COMPILED_HOOK,
-        DECODER_HOOK,
-        CompiledDecoderHook,
-        CompiledDenoiserHook,
-    )
-
-    runner = accelerator.stage_runner(site.module, settings)
+    runner = process.stage_runner(site.module, settings)
     scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
     site.register(CompiledDenoiserHook(runner, scale), COMPILED_HOOK)
     decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
@@ -405,7 +423,6 @@ class _PlanSource:
     def __call__(
         self, adapter: DenoiserAdapter, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
     ) -> Plan:
-        from accel.plan import Plan, build_plan
 
         sample = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("sample")
         if sample is None:
@@ -430,10 +447,9 @@ class _PlanSource:
             cpu = sample.device.type == "cpu"
             made = build_plan(
                 self.model,
-                source={
-                    "kind": "folder",
-                    "path": str(getattr(self.pipe, "name_or_path", "") or "<in memory>"),
-                },
+                source=ModelSource(
+                    "folder", str(getattr(self.pipe, "name_or_path", "") or "<in memory>")
+                ).to_dict(),
                 height=height,
                 width=width,
                 devices=self.stages,

@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
-from accel.cli.plan import load_denoiser
 from accel.compile.backends import get_backend
 from accel.compile.engines import stage_jobs
 from accel.compile.runner import GRAPH_BACKENDS, CUDAGraphCallable
 from accel.compile.store import EngineError, EngineStore
 from accel.plan import load_plan
 from accel.settings import PRECISIONS
+from accel.source import ModelSource
+from accel.targets import load_denoiser
 
 
 def _step_ms(fn: Any, inputs: tuple[torch.Tensor, ...], iters: int) -> list[float]:
@@ -91,7 +92,9 @@ def main() -> None:
         args.output.write_text(json.dumps(result, indent=2))
         log.info("backend %s unavailable: %s", args.backend, reason)
         return
-    denoiser, _ = load_denoiser(plan.source, dtype=PRECISIONS[plan.dtype], device=args.device)
+    denoiser, _ = load_denoiser(
+        ModelSource.from_dict(plan.source), dtype=PRECISIONS[plan.dtype], device=args.device
+    )
     prefixes = tuple(p for p in args.keys.split(",") if p)
     store = EngineStore(args.engines)
     for job in stage_jobs(plan, denoiser):

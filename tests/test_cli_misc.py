@@ -14,7 +14,6 @@ from accel.compile.store import EngineStore
 
 @pytest.fixture(scope="module")
 def runner() -> CliRunner:
-    cli._register()
     return CliRunner()
 
 

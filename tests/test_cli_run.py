@@ -17,7 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def runner() -> CliRunner:
-    cli._register()
     return CliRunner()
 
 

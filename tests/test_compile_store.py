@@ -151,12 +151,12 @@ def test_concurrent_export_waits_then_times_out(engines: Path) -> None:
 
 # -- accel export ------------------------------------------------------------------------------------------
 def test_cli_export_writes_engines_and_second_run_exports_nothing(tmp_path: Path, monkeypatch) -> None:
-    import accel.cli.export  # noqa: F401  (registers the command)
     from accel.cli.app import app
-    from accel.cli.plan import load_denoiser
     from accel.plan import build_plan
+    from accel.source import ModelSource
+    from accel.targets import load_denoiser
 
-    model, _ = load_denoiser({"kind": "demo", "name": "sd3"}, dtype=torch.float32, device="cpu")
+    model, _ = load_denoiser(ModelSource.demo("sd3"), dtype=torch.float32, device="cpu")
     plan = build_plan(
         model,
         source={"kind": "demo", "name": "sd3"},

@@ -20,9 +20,9 @@ from accel.runtime.comm import Communicator
 from accel.runtime.group_pipeline import GroupPipelineHook
 from accel.runtime.groups import GroupLayout, LayoutError
 from accel.runtime.guidance import HOOK_NAME, BatchSplit, CFGSplitHook, _batch_of, _map_output, slice_batch
-from accel.runtime.schedule import ScheduleSettings
 from accel.runtime.sequence import UlyssesJointAttnProcessor, model_problem, size_problem
 from accel.runtime.stages import PREDICTION, StageExecutor, first_tensor
+from accel.settings import ScheduleSettings
 from accel.testing import build_pipeline
 from accel.wrapper import _note_window_guidance, _num_steps, find_denoiser
 

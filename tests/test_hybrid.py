@@ -11,7 +11,8 @@ import torch
 import accel
 from accel.plan import Plan, PlanError
 from accel.runtime.pipeline import PREDICTION
-from accel.runtime.schedule import ScheduleSettings, window_for
+from accel.runtime.schedule import window_for
+from accel.settings import ScheduleSettings
 from accel.testing import build_pipeline
 
 STEPS = 8

@@ -70,7 +70,6 @@ def test_examples_compile(path) -> None:
 
 
 def test_tiny_example_runs_under_accel_run(tmp_path) -> None:
-    cli._register()
     out = tmp_path / "tiny.png"
     script = REPO / "examples" / "tiny_demo.py"
     args = ["run", str(script), "--devices", "2", "--accelerator", "cpu", "--json"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from accel.cli.app import _register, app
+from accel.cli.app import app
 from accel.models import adapt
 from accel.plan import (
     SCHEMA_VERSION,
@@ -183,7 +183,6 @@ def test_corrupt_or_foreign_files_give_clear_errors(plan: Plan, tmp_path: Path) 
 # -- accel plan ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runner() -> CliRunner:
-    _register()
     return CliRunner()
 
 

@@ -9,8 +9,6 @@ import torch
 
 from accel.runtime.schedule import (
     LaggedRates,
-    ScheduleError,
-    ScheduleSettings,
     clamp_window,
     earliest_start,
     find_tau1,
@@ -19,7 +17,7 @@ from accel.runtime.schedule import (
     taus,
     window_for,
 )
-from accel.settings import AccelSettings, SettingsError
+from accel.settings import AccelSettings, ScheduleError, ScheduleSettings, SettingsError
 
 SDXL = ScheduleSettings().resolve("unet")  # L=12, eps=4e-4, k=5, tau_cap=15
 SD3 = ScheduleSettings().resolve("dit")  # L=15, eps=5e-4, k=5, tau_cap=20 (published: 40)

@@ -278,7 +278,7 @@ def test_the_page_generates_an_image_in_chromium(server, tmp_path) -> None:
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,760"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,900"):
         options.add_argument(argument)
     browser = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
     try:
@@ -356,7 +356,6 @@ def _busy_port() -> tuple[socket.socket, int]:
 
 
 def test_serve_refuses_bad_command_lines(tmp_path) -> None:
-    cli._register()
     runner = CliRunner()
     sock, port = _busy_port()
     with sock:

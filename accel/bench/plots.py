@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from accel.atomic import atomic_path
-from accel.runtime.schedule import FAMILY_DEFAULTS, slope
+from accel.bench.quality import FamilyResult, ModeResult, QualityReport
+from accel.runtime.schedule import slope
+from accel.settings import FAMILY_DEFAULTS
 from accel.testing.quality.models import ADAPTER_FAMILY
-
-if TYPE_CHECKING:
-    from accel.bench.quality import FamilyResult, ModeResult
 
 _COLOURS = {"reference": "tab:red", "cached": "tab:blue", "off": "tab:green"}
 
@@ -25,6 +24,11 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_report(report: QualityReport, out_dir: str | Path) -> list[Path]:
+    """Write every family's figures (see :func:`plot_family`) into ``out_dir``."""
+    return [path for family in report.families for path in plot_family(family, Path(out_dir))]
 
 
 def plot_family(family: FamilyResult, out_dir: Path) -> list[Path]:

@@ -34,36 +34,36 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 
+from accel.accelerator import Accelerator
 from accel.atomic import write_text_atomic
-from accel.runtime.schedule import FAMILY_DEFAULTS, relative_gap
+from accel.runtime.schedule import relative_gap
+from accel.settings import FAMILY_DEFAULTS
 from accel.testing.measure import psnr
-from accel.testing.quality.models import (
-    ADAPTER_FAMILY,
+from accel.testing.quality import (
     FAMILIES,
-    QualityModel,
-    classifier_record,
-    load_classifier,
-    load_quality_model,
-)
-from accel.testing.quality.sampling import (
     Generated,
+    QualityModel,
     SampleSet,
     classify,
     conditional_accuracy,
     generate,
+    load_classifier,
+    load_quality_model,
     requested_probability,
 )
-from accel.wrapper import find_denoiser
+from accel.testing.quality.models import ADAPTER_FAMILY, classifier_record
+from accel.wrapper import find_denoiser, unwrap
 
 log = logging.getLogger(__name__)
 
 WINDOW_GUIDANCE: tuple[str, ...] = ("reference", "cached", "off")
 WINDOW_LENGTHS: tuple[int, ...] = (2, 5, 10, 20)
 WINDOW_STARTS: tuple[int, ...] = (3, 8, 21, 24, 29, 40)
-#: The published switch-rule constants (METHOD.md section 3), compared with accel's defaults.
+#: The published switch-rule constants (docs/concepts.md, section 3), compared with accel's defaults.
 PUBLISHED_SCHEDULES: dict[str, dict[str, Any]] = {
     "sdxl": dict(lookback=12, eps=4e-4, k=5, tau_cap=15),
     "sd3": dict(lookback=15, eps=5e-4, k=5, tau_cap=40),
@@ -262,8 +262,6 @@ def _distributed_worker(
     plan_dir: str,
 ) -> dict[str, dict[str, Any]]:
     """Runs on each of the 2 ranks: every 2-process mode of every family; rank 0's outputs come back."""
-    import accel
-
     samples = SampleSet(seeds=tuple(seeds))
     results: dict[str, dict[str, Any]] = {}
     for family, modes in jobs:
@@ -276,7 +274,7 @@ def _distributed_worker(
             if mode.strategy == "hybrid" and planned:
                 # One profiled cut for every hybrid mode: modes differ only in what they are meant to.
                 settings["plan"] = plan_file
-            wrapped = accel.wrap(model.pipe, accelerator=acc, **settings)
+            wrapped = acc.wrap(model.pipe, **settings)
             start = time.perf_counter()
             generated = generate(wrapped, samples, mode.call_kwargs(model.call_kwargs), steps=steps)
             seconds = time.perf_counter() - start
@@ -287,7 +285,7 @@ def _distributed_worker(
                     plan.save(plan_file)
                 acc.barrier()
                 planned = True
-            accel.unwrap(wrapped)
+            unwrap(wrapped)
             out[mode.name] = {"generated": generated, "seconds": seconds, "report": report}
             log.info("%s %s: %.1f s", family, mode.name, seconds)
         results[family] = out
@@ -371,9 +369,7 @@ def run_quality(
             log.info("%s %s: %.1f s", family, mode.name, seconds)
     jobs = [(f, [m for m in plans[f] if m.strategy != "exact"]) for f in families]
     if any(listed for _, listed in jobs):
-        import accel
-
-        launcher = accel.Accelerator(devices=2, accelerator="cpu", strategy="cfg")
+        launcher = Accelerator(devices=2, accelerator="cpu", strategy="cfg")
         with tempfile.TemporaryDirectory(prefix="accel-quality-") as plan_dir:
             distributed = launcher.launch(
                 _distributed_worker, jobs, list(seeds), steps, str(root) if root else None, plan_dir
@@ -417,8 +413,6 @@ def run_quality(
 
 
 def _environment() -> dict[str, Any]:
-    import diffusers
-
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__,
@@ -545,16 +539,10 @@ def markdown_report(report: QualityReport) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(report: QualityReport, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
-    """Write ``quality.json``, ``quality.md`` and (with ``plots``) the PNG figures into ``out_dir``."""
+def write_report(report: QualityReport, out_dir: str | Path) -> list[Path]:
+    """Write ``quality.json`` and ``quality.md`` into ``out_dir`` (the figures: :mod:`accel.bench.plots`)."""
     out = Path(out_dir)
-    written = [
+    return [
         write_text_atomic(out / "quality.json", _json_text(_rounded(report_dict(report)))),
         write_text_atomic(out / "quality.md", markdown_report(report)),
     ]
-    if plots:
-        from accel.bench.plots import plot_family
-
-        for family in report.families:
-            written += plot_family(family, out)
-    return written

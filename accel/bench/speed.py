@@ -27,15 +27,29 @@ import gc
 import json
 import logging
 import math
+import os
+import platform
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from accel.accelerator import Accelerator
+from accel.atomic import write_text_atomic
+from accel.compile.backends import BACKEND_NAMES
+from accel.testing import build_pipeline, full_size_pipeline
+from accel.testing.measure import psnr, timed_generate
+from accel.version import __version__
+from accel.wrapper import find_denoiser, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +115,6 @@ class SuiteSettings:
         unknown = sorted(set(self.configs) - set(CONFIGS))
         if unknown:
             raise ValueError(f"unknown configurations {unknown}; choose from {', '.join(CONFIGS)}.")
-        from accel.compile.backends import BACKEND_NAMES
 
         bad = sorted(set(self.backends) - set(BACKEND_NAMES) | ({"eager"} & set(self.backends)))
         if bad or not self.backends:
@@ -153,7 +166,6 @@ class Measured:
 
 
 def _denoiser_name(pipe: Any) -> str:
-    from accel.wrapper import find_denoiser
 
     return find_denoiser(pipe)[0]
 
@@ -161,7 +173,6 @@ def _denoiser_name(pipe: Any) -> str:
 def _call(
     pipe: Any, denoiser: torch.nn.Module, s: SuiteSettings, steps: int, device: torch.device
 ) -> dict[str, Any]:
-    from accel.testing.measure import timed_generate
 
     run = timed_generate(
         pipe,
@@ -210,7 +221,6 @@ def measure(
 
 
 def _pipeline(s: SuiteSettings, device: torch.device) -> Any:
-    from accel.testing import build_pipeline, full_size_pipeline
 
     if s.tiny:
         return build_pipeline(s.model)
@@ -253,9 +263,6 @@ def single_gpu(s: SuiteSettings) -> dict[str, Measured]:
 
 def _worker(acc: Any, s: SuiteSettings) -> dict[str, dict[str, Any]]:
     """Configurations C, D and E on every rank; rank 0 returns every rank's results."""
-    import torch.distributed as dist
-
-    import accel
 
     device = acc.device
     pipe = _pipeline(s, device)
@@ -287,12 +294,12 @@ def _worker(acc: Any, s: SuiteSettings) -> dict[str, dict[str, Any]]:
     for name, overrides in runs:
         if overrides.get("strategy") == "hybrid" and plan_file is not None:
             overrides["plan"] = plan_file  # one plan for every window mode: same stages, same engines
-        wrapped = accel.wrap(pipe, accelerator=acc, **overrides)
+        wrapped = acc.wrap(pipe, **overrides)
         measured = measure(wrapped, denoiser, s, name, device)
         plan = getattr(wrapped.runtime, "plan", None)
         if plan is not None and plan_file is None:
             plan_file = _shared_plan(acc, plan)
-        accel.unwrap(wrapped)
+        unwrap(wrapped)
         gathered: list[Any] = [None] * acc.world_size
         mine = {"peak_mem_gib": measured.peak_mem_gib, "report": measured.report}
         dist.all_gather_object(gathered, mine)
@@ -324,7 +331,6 @@ def _rank_report(report: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _shared_plan(acc: Any, plan: Any) -> str:
-    import tempfile
 
     path = Path(tempfile.gettempdir()) / f"accel-bench-plan-{plan.config_hash}.json"
     if acc.rank == 0:
@@ -334,7 +340,6 @@ def _shared_plan(acc: Any, plan: Any) -> str:
 
 
 def _deviation(run: dict[str, Any] | Measured, exact: Measured) -> dict[str, float]:
-    from accel.testing.measure import psnr
 
     latents = run.latents if isinstance(run, Measured) else run["latents"]
     image = run.image if isinstance(run, Measured) else run["image"]
@@ -349,9 +354,6 @@ def _deviation(run: dict[str, Any] | Measured, exact: Measured) -> dict[str, flo
 
 def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the suite; returns the JSON-able result (configurations, ratios, environment)."""
-    import diffusers
-
-    import accel
 
     t0 = time.perf_counter()
     if on_phase is not None:
@@ -361,7 +363,7 @@ def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None
     if any(c in s.configs for c in "CDE"):
         if on_phase is not None:
             on_phase("2 GPUs: C, D, E")
-        acc = accel.Accelerator(devices=2, accelerator=s.device_kind, collective_timeout_s=1800.0)
+        acc = Accelerator(devices=2, accelerator=s.device_kind, collective_timeout_s=1800.0)
         multi = acc.launch(_worker, s)
     exact = single.get("A")
     configs: dict[str, Any] = {}
@@ -396,7 +398,7 @@ def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
-            "accel": accel.__version__,
+            "accel": __version__,
         },
         "date": time.strftime("%Y-%m-%d"),
         "configs": configs,
@@ -422,9 +424,6 @@ def _ratios(configs: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def environment() -> dict[str, Any]:
     """GPU, driver and CPU facts for the report."""
-    import os
-    import platform
-    import subprocess
 
     env: dict[str, Any] = {"python": platform.python_version(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
@@ -450,6 +449,5 @@ def environment() -> dict[str, Any]:
 
 def save(result: dict[str, Any], path: Path) -> None:
     """Write the result as JSON (atomically)."""
-    from accel.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(result, indent=2, default=str) + "\n")

@@ -1,24 +1,32 @@
-"""The ``accel`` command line: one typer app, one module per command."""
+"""The ``accel`` command line: one typer app, one module per command.
+
+Each command module parses its options and calls the library; this module registers them. Command
+modules import only typer, rich and accel's light modules at the top (settings, sources): ``accel --help``
+imports them all and must stay fast.
+"""
 
 from __future__ import annotations
 
 import typer
 
+from accel.cli import bench, doctor, export, inspect, plan, run, serve
+
 app = typer.Typer(
     name="accel",
-    help="Hybrid data-pipeline parallelism for diffusers pipelines: plan, export, run, bench.",
+    help="Hybrid data-pipeline parallelism for diffusers pipelines: plan, export, run, serve, bench.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _register() -> None:
-    # Each command lives in its own module; importing it adds the command to ``app``.
-    from accel.cli import bench, doctor, export, inspect, plan, run, serve  # noqa: F401
+app.command("bench")(bench.bench)
+app.command("doctor")(doctor.doctor)
+app.command("export")(export.export)
+app.command("inspect")(inspect.inspect)
+app.command("plan")(plan.plan)
+app.command("run", help=run.HELP, context_settings={"allow_extra_args": True})(run.run)
+app.command("serve", help=serve.HELP)(serve.serve)
 
 
 def main() -> None:
     """Console-script entry point."""
-    _register()
     app()

@@ -12,13 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from accel.cli.app import app
-
 DEFAULT_QUALITY_OUTPUT = Path("docs/benchmarks/quality")
 SUITES = ("--model sdxl|sd3 (speed)", "--quality", "--report FILE.json ...")
 
 
-@app.command("bench")
 def bench(
     quality: bool = typer.Option(
         False,
@@ -91,6 +88,8 @@ def bench(
             output,
         )
         return
+    # Deferred (here and below): the suites import torch and diffusers; `accel --help` imports this module.
+    from accel.bench.plots import plot_report
     from accel.bench.quality import FAMILIES, run_quality, write_report
 
     unknown = sorted(set(family) - set(FAMILIES))
@@ -98,7 +97,7 @@ def bench(
         raise typer.BadParameter(f"--family {', '.join(unknown)}: choose from {', '.join(FAMILIES)}.")
     with console.status("running the quality suite (exact, CFG split, hybrid modes) ..."):
         report = run_quality(family, seeds=range(seeds), steps=steps, root=weights, keep_images=plots)
-    written = write_report(report, output, plots=plots)
+    written = write_report(report, output) + (plot_report(report, output) if plots else [])
     for result in report.families:
         table = Table(title=f"{result.family}: {10 * seeds} samples, {steps} steps")
         table.add_column("mode", no_wrap=True)

@@ -1,4 +1,7 @@
-"""``accel doctor``: what this machine can run, and what to fix."""
+"""``accel doctor``: what this machine can run, and what to fix.
+
+torch and the compile backends are imported inside the checks: `accel --help` imports this module.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from accel.cli.app import app
+from accel.version import __version__
 
 #: NCCL settings that make accel slower or stop it from using the GPUs' links.
 _NCCL_SLOWDOWNS = {
@@ -108,10 +111,8 @@ def _nvlink_topology() -> str | None:
 def _check_installation(report: Report) -> None:
     import torch
 
-    import accel
-
     report.add("install", "python", True, platform.python_version())
-    report.add("install", "accel", True, accel.__version__)
+    report.add("install", "accel", True, __version__)
     cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU-only build"
     report.add("install", "torch", True, f"{torch.__version__}{cuda}")
     for package in ("diffusers", "transformers", "lightning"):
@@ -311,7 +312,6 @@ def run_checks() -> Report:
     return report
 
 
-@app.command("doctor")
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
     """Check versions, GPUs, NVLink/P2P, NCCL and which compile backends work here, with fixes.
 

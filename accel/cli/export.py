@@ -3,40 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from accel.cli.app import app
+from accel.cli.common import DEVICE_KINDS, check_device, choices
+from accel.settings import PRECISIONS, Backend
+from accel.source import ModelSource
+
+#: What ``accel export`` can write: every backend but eager.
+EXPORT_CHOICES = tuple(b for b in get_args(Backend) if b != "eager")
 
 
-@app.command("export")
 def export(
     plan_file: Path = typer.Argument(..., help="A plan file written by `accel plan`."),
     backend: str = typer.Option(
         "inductor",
         "--backend",
         "-b",
-        help="inductor, aot, onnx or tensorrt (`accel doctor` lists usable ones).",
+        help=f"{choices(EXPORT_CHOICES)} (`accel doctor` lists usable ones).",
     ),
     output: Path = typer.Option(Path("engines"), "--output", "-o", help="The engine directory to write."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Recompile engines even if fitting ones exist."),
     vae: bool = typer.Option(True, "--vae/--no-vae", help="Also export the pipeline's VAE decoder."),
     device: str = typer.Option(
-        None, "--device", help="cuda or cpu (default: the plan's device type when available, else cpu)."
+        None,
+        "--device",
+        help=f"{choices(DEVICE_KINDS)} (default: the plan's device type when available, else cpu).",
     ),
 ) -> None:
     """Compile each stage of each phase of the plan and save it as an engine file in an engine directory."""
+    # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
     import torch
 
-    from accel.cli.plan import load_components
     from accel.compile.backends import EXPORT_BACKENDS, BackendError, get_backend
     from accel.compile.engines import StageJob, export_plan
     from accel.compile.store import EngineError
     from accel.plan import PlanError, load_plan
-    from accel.settings import PRECISIONS
+    from accel.targets import load_components
 
     console = Console(stderr=True)
     if backend not in EXPORT_BACKENDS:
@@ -53,13 +59,10 @@ def export(
         raise typer.Exit(1) from exc
     if device is None:
         device = plan.device_type if plan.device_type != "cuda" or torch.cuda.is_available() else "cpu"
-    if device not in ("cuda", "cpu"):
-        raise typer.BadParameter(f"--device {device!r} is not cuda or cpu.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("--device cuda: no CUDA device is available here; use --device cpu.")
+    check_device(device)
 
     denoiser, _, decoder_source = load_components(
-        plan.source, dtype=PRECISIONS[plan.dtype], device=device, vae=vae
+        ModelSource.from_dict(plan.source), dtype=PRECISIONS[plan.dtype], device=device, vae=vae
     )
     try:
         plan.validate_for(denoiser)

@@ -11,11 +11,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from accel.cli.app import app
+from accel.cli.common import plan_table
 
 
 def _environment() -> dict[str, Any]:
     """What an engine must have been built for to load here (device type, compute capability, versions)."""
+    # Deferred here and below: torch, diffusers and accel.compile load slowly, and `accel --help` imports this.
     import diffusers
     import torch
 
@@ -155,7 +156,6 @@ def _print_engines(console: Console, info: dict[str, Any]) -> None:
         )
 
 
-@app.command("inspect")
 def inspect(
     path: Path = typer.Argument(
         ..., help="A plan file (`accel plan`) or an engine directory (`accel export`).", show_default=False
@@ -167,7 +167,6 @@ def inspect(
     Exits 1 when the plan fails validation, or when the engine manifest is unreadable or a file is
     missing, truncated or edited.
     """
-    from accel.cli.plan import plan_table
     from accel.compile.store import MANIFEST
     from accel.plan import PlanError, load_plan
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from accel.atomic import atomic_path, write_text_atomic
+from accel.errors import AccelError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ TENSORRT_INSTALL = (
 )
 
 
-class BackendError(RuntimeError):
+class BackendError(AccelError, RuntimeError):
     """A backend cannot be used, or compiling / exporting / loading a stage failed."""
 
 

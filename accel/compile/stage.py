@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
+from accel.errors import AccelError
 from accel.models.base import CARRY_PREFIX, SKIP_PREFIX, DenoiserAdapter, SegmentState, dtype_name
 
 CONTEXT_PREFIX = "context."
 FORWARD_PREFIX = "forward."
 
 
-class StageError(ValueError):
+class StageError(AccelError, ValueError):
     """A state or set of arguments does not fit the stage it is given to; the message says what differs."""
 
 

@@ -36,6 +36,7 @@ import torch
 from accel.atomic import write_text_atomic
 from accel.compile.backends import Backend, StageCallable, get_backend
 from accel.compile.stage import TensorSpec
+from accel.errors import AccelError
 from accel.models.base import dtype_name
 
 MANIFEST = "manifest.json"
@@ -44,7 +45,7 @@ FORMAT_VERSION = 1
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class EngineError(RuntimeError):
+class EngineError(AccelError, RuntimeError):
     """An engine cannot be used (or written); the message gives every reason and the fix."""
 
 

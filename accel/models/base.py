@@ -21,13 +21,15 @@ from typing import Any
 
 import torch
 
+from accel.errors import AccelError
+
 logger = logging.getLogger(__name__)
 
 CARRY_PREFIX = "carry."
 SKIP_PREFIX = "skips."
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(AccelError, TypeError):
     """The denoiser's structure is not one an adapter knows; the message names what is missing."""
 
 

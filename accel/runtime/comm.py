@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from accel.errors import AccelError
 from accel.runtime.groups import GroupLayout
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,8 @@ log = logging.getLogger(__name__)
 _FAILURE_KEY = "error"
 
 
-class RankMismatchError(RuntimeError):
+class RankMismatchError(AccelError, RuntimeError):
     """Ranks disagree about something that must be identical on all of them."""
-
-
-class PeerFailedError(RuntimeError):
-    """Another rank failed; this rank stops with that rank's error."""
 
 
 @dataclass

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accel.errors import AccelError
+from accel.settings import check_count, check_world_size
 
-class LayoutError(ValueError):
+
+class LayoutError(AccelError, ValueError):
     """The world size or a block size does not fit the CFG group layout; the message names the fix."""
 
 
@@ -35,14 +38,8 @@ class GroupLayout:
     world_size: int
 
     def __post_init__(self) -> None:
-        world = self.world_size
-        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-            raise LayoutError(f"the world size must be a positive integer, got {world!r}.")
-        if world > 1 and world % 2:
-            raise LayoutError(
-                f"world size {world} is odd: the two guidance branches need two equal CFG groups. "
-                "Use 1 or an even number of devices."
-            )
+        check_count("the world size", self.world_size, LayoutError)
+        check_world_size(self.world_size, error=LayoutError)
 
     @property
     def group_size(self) -> int:

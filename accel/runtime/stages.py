@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from accel.models import DenoiserAdapter, SegmentState, TensorEdge
 from accel.partition import stage_owners
-from accel.runtime.schedule import ResolvedSchedule, clamp_window, taus
+from accel.runtime.schedule import clamp_window, taus
+from accel.settings import ResolvedSchedule
 
 if TYPE_CHECKING:
     from accel.compile.runner import StageRunner

@@ -20,7 +20,7 @@ from typing_extensions import NotRequired
 from accel.models import DenoiserAdapter, TensorEdge, adapt
 from accel.runtime.comm import Communicator
 from accel.runtime.guidance import CFGSplitHook, slice_batch
-from accel.runtime.schedule import LaggedRates, ResolvedSchedule, ScheduleSettings, earliest_start
+from accel.runtime.schedule import LaggedRates, earliest_start
 from accel.runtime.stages import (
     Segment,
     StageExecutor,
@@ -29,6 +29,7 @@ from accel.runtime.stages import (
     shape_key,
     tensors_of,
 )
+from accel.settings import ResolvedSchedule, ScheduleSettings
 
 if TYPE_CHECKING:
     from accel.compile.runner import StageRunner

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import importlib.util
 
+from accel.errors import AccelError
+
 #: The modules of the ``accel[serve]`` extra (import name -> distribution name).
 EXTRA_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(AccelError, RuntimeError):
     """The ``accel[serve]`` extra is not installed; the message names the install command."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from accel.errors import AccelError
 from accel.serve.metrics import ServeMetrics
 from accel.serve.scheduler import QueueFullError, RequestResult, Scheduler, ShuttingDownError
 from accel.serve.schema import ApiError, parse_request
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 _DISCONNECT_POLL_S = 0.2
 
 
-class WorkerFailedError(RuntimeError):
+class WorkerFailedError(AccelError, RuntimeError):
     """The worker group failed while (or before) running a request; the message names the cause."""
 
 

@@ -16,11 +16,13 @@ from typing import Any
 
 import torch.distributed as dist
 
+from accel.errors import AccelError
+
 #: A message that ends the other ranks' loops.
 STOP = {"stop": True}
 
 
-class ChannelClosedError(RuntimeError):
+class ChannelClosedError(AccelError, RuntimeError):
     """The other ranks gave up waiting for rank 0 (it stopped without saying so)."""
 
 

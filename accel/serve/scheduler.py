@@ -17,11 +17,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from accel.errors import AccelError
 from accel.serve.schema import ImageRequest
 from accel.serve.settings import ServeSettings
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(AccelError, RuntimeError):
     """The queue is full; ``retry_after_s`` estimates when there will be room."""
 
     def __init__(self, queue: int, retry_after_s: int) -> None:
@@ -31,7 +32,7 @@ class QueueFullError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
-class ShuttingDownError(RuntimeError):
+class ShuttingDownError(AccelError, RuntimeError):
     """The server is shutting down and takes no more requests."""
 
 

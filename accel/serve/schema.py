@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from accel.errors import AccelError
 from accel.serve.settings import ServeSettings, format_size, parse_size
 
 #: Fields of the OpenAI images API that are accepted but do not change the image.
@@ -33,7 +34,7 @@ MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 50.0
 
 
-class ApiError(Exception):
+class ApiError(AccelError, ValueError):
     """A request the server refuses; ``status`` is its HTTP status, ``param`` the field at fault."""
 
     def __init__(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accel.errors import AccelError
 
-class ServeSettingsError(ValueError):
+
+class ServeSettingsError(AccelError, ValueError):
     """A server setting is invalid; the message names the option and what it accepts."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from accel.serve.channel import STOP, BatchChannel
 from accel.serve.settings import ServeSettings, ServeSettingsError, format_size
+from accel.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,11 @@ _FOLLOW_GRACE_S = 5.0
 class ServeJob:
     """Everything a serving worker needs (picklable: it travels to spawned processes).
 
-    ``source`` is the model source (as in :class:`accel.cli.generate.GenerationJob`), ``settings`` the
-    keyword arguments of :class:`accel.AccelSettings`, ``serve`` the server's settings.
+    ``source`` names the model, ``settings`` are the keyword arguments of :class:`accel.AccelSettings`,
+    ``serve`` the server's settings.
     """
 
-    source: dict[str, Any]
+    source: ModelSource
     settings: dict[str, Any]
     serve: ServeSettings
     log_level: str = "WARNING"
@@ -71,7 +72,7 @@ class _Shutdown:
 
 def serve_worker(job: ServeJob) -> dict[str, Any]:
     """The launched function of ``accel serve``: serve until SIGTERM; returns rank 0's counts."""
-    from accel.cli.generate import run_in_group
+    from accel.generation import run_in_group
 
     return run_in_group(job.settings, job.log_level, lambda acc: _serve(acc, job))
 
@@ -87,7 +88,7 @@ def _serve(acc: Any, job: ServeJob) -> dict[str, Any]:
 
 
 def _load(acc: Any, job: ServeJob) -> tuple[Any, Any]:
-    from accel.cli.generate import load_wrapped
+    from accel.generation import load_wrapped
 
     return load_wrapped(acc, job.source)
 

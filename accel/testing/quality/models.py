@@ -38,6 +38,7 @@ from diffusers import (
 from torch import nn
 
 from accel.atomic import atomic_path, write_text_atomic
+from accel.errors import AccelError
 from accel.testing.pipelines import tiny_text_components
 from accel.testing.quality.data import DIGITS, IMAGE_SIZE, digit_prompt
 
@@ -62,7 +63,7 @@ ADAPTER_FAMILY: dict[str, str] = {"sdxl": "unet", "sd3": "dit"}
 _TEXT_CHECK_RTOL = 1e-4
 
 
-class QualityModelError(RuntimeError):
+class QualityModelError(AccelError, RuntimeError):
     """A committed quality model cannot be rebuilt as it was trained (the message says why)."""
 
 

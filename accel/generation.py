@@ -12,26 +12,33 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from accel.accelerator import Accelerator
 from accel.atomic import atomic_path
+from accel.images import call_arguments
+from accel.request import IMAGE_SUFFIXES
+from accel.settings import AccelSettings
+from accel.source import ModelSource
+from accel.targets import load_pipeline
+from accel.wrapper import unwrap
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Image file suffixes ``--output`` may end in (PIL writes each by its suffix).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
 class GenerationJob:
     """Everything a worker needs (picklable: it travels to spawned processes).
 
-    ``source`` is a plan-style model source (``{"kind": "demo"|"arch"|"folder"|"hub", ...}``),
-    ``settings`` the keyword arguments of :class:`accel.AccelSettings`. Image ``i`` (counted over all
+    ``source`` names the model, ``settings`` are the keyword arguments of :class:`accel.AccelSettings`. Image ``i`` (counted over all
     prompts) is generated from seed ``seed + i``, so an image does not depend on how prompts are batched.
     """
 
-    source: dict[str, Any]
+    source: ModelSource
     settings: dict[str, Any]
     prompts: list[str]
     negative_prompt: str | None = None
@@ -62,24 +69,6 @@ def output_paths(output: str | os.PathLike[str], count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
-def load_pipeline(source: dict[str, Any], *, dtype: Any, device: Any) -> Any:
-    """The whole diffusers pipeline a plan-style ``source`` names (text encoders and VAE included)."""
-    if source["kind"] in ("demo", "arch"):
-        from accel.testing import build_pipeline
-
-        kwargs: dict[str, Any] = {"device": device}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        if "seed" in source:
-            kwargs["seed"] = source["seed"]
-        return build_pipeline(source["name"], **kwargs)
-    from diffusers import DiffusionPipeline
-
-    location = source["path"] if source["kind"] == "folder" else source["id"]
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    return DiffusionPipeline.from_pretrained(location, **kwargs)
-
-
 def _save(image: Any, path: Path) -> None:
     # Written beside the target and renamed: an interrupted run never leaves a partial image behind.
     with atomic_path(path, suffix=path.suffix) as tmp:
@@ -93,9 +82,6 @@ def _step_progress(enabled: bool, total_images: int, steps: int) -> Iterator[Cal
     if not enabled:
         yield None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         images = progress.add_task("images", total=total_images)
@@ -115,21 +101,6 @@ def _step_progress(enabled: bool, total_images: int, steps: int) -> Iterator[Cal
         yield for_call
 
 
-def load_wrapped(acc: Any, source: dict[str, Any]) -> tuple[Any, Any]:
-    """The pipeline ``source`` names, loaded for ``acc``'s precision and device, and its wrapper."""
-    import torch
-
-    device = acc.device
-    dtype = acc.settings.dtype
-    if dtype is None and source["kind"] == "arch":
-        # Full-size random-weight models: fp16 on GPUs, as `accel plan --arch` profiles them.
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(source, dtype=dtype, device="cpu" if source["kind"] != "arch" else device)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)  # accel's own bar replaces diffusers' per-rank bars
-    return pipe, acc.wrap(pipe)
-
-
 def generate(job: GenerationJob) -> dict[str, Any]:
     """The worker: join the process group, generate every batch, save the images on rank 0.
 
@@ -139,13 +110,11 @@ def generate(job: GenerationJob) -> dict[str, Any]:
     return run_in_group(job.settings, job.log_level, lambda acc: _generate(acc, job))
 
 
-def run_in_group(settings: dict[str, Any], log_level: str, work: Callable[[Any], T]) -> T:
-    """In a launched worker process: join the group with ``settings`` (:class:`accel.AccelSettings`
-    keyword arguments), return ``work(accelerator)`` and leave the group; a failure is posted to the
-    other ranks first."""
+def run_in_group(settings: dict[str, Any], log_level: str, work: Callable[[Accelerator], T]) -> T:
+    """In a launched worker process: join the group with ``settings`` (:class:`AccelSettings` keyword
+    arguments), return ``work(accelerator)`` and leave the group; a failure is posted to the other ranks
+    first."""
     import lightning  # noqa: F401  (its import sets its loggers to INFO; quieted below, after it)
-
-    import accel
 
     # A fresh process: its log format is this worker's to choose, with the rank on every line.
     rank = os.environ.get("RANK", "?")
@@ -153,7 +122,7 @@ def run_in_group(settings: dict[str, Any], log_level: str, work: Callable[[Any],
     # Fabric announces every process group at INFO; the run's own summary says what matters.
     for name in ("lightning.fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    acc = accel.Accelerator(settings=accel.AccelSettings(**settings))
+    acc = Accelerator(settings=AccelSettings(**settings))
     acc.launch()
     try:
         result = work(acc)
@@ -164,9 +133,20 @@ def run_in_group(settings: dict[str, Any], log_level: str, work: Callable[[Any],
     return result
 
 
-def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
-    import accel
+def load_wrapped(acc: Accelerator, source: ModelSource) -> tuple[Any, Any]:
+    """The pipeline ``source`` names, loaded for ``acc``'s precision and device, and its wrapper."""
+    device = acc.device
+    dtype = acc.settings.dtype
+    if dtype is None and source.kind == "arch":
+        # Full-size random-weight models: fp16 on GPUs, as `accel plan --arch` profiles them.
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = load_pipeline(source, dtype=dtype, device=device if source.kind == "arch" else "cpu")
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # accel's own bar replaces diffusers' per-rank bars
+    return pipe, acc.wrap(pipe)
 
+
+def _generate(acc: Accelerator, job: GenerationJob) -> dict[str, Any]:
     pipe, wrapped = load_wrapped(acc, job.source)
     takes_callback = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
     paths = output_paths(job.output, len(job.prompts))
@@ -190,7 +170,7 @@ def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
                         _save(image, path)
                         written.append(str(path))
     finally:
-        accel.unwrap(wrapped)
+        unwrap(wrapped)
     return {
         "rank": acc.rank,
         "images": written,
@@ -200,8 +180,6 @@ def _generate(acc: Any, job: GenerationJob) -> dict[str, Any]:
 
 
 def _call_arguments(job: GenerationJob, start: int, prompts: list[str]) -> dict[str, Any]:
-    from accel.images import call_arguments
-
     return call_arguments(
         prompts,
         # Image i (over all prompts) uses seed + i: it looks the same whatever the batch size.
