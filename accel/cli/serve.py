@@ -10,11 +10,10 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from accel.cli.common import choices, fail, log_to
+from accel.cli import options
+from accel.cli.common import fail, log_to
 from accel.errors import AccelError
-from accel.request import SCHEDULE_NAMES, GenerationRequest, RequestError
-from accel.settings import AcceleratorKind, Backend, Precision, Strategy, WindowGuidance
-from accel.source import DEMOS
+from accel.request import GenerationRequest, RequestError
 
 HELP = """Serve a pipeline over HTTP: the workers start once, warm up, and stay up.
 
@@ -34,9 +33,7 @@ def serve(
     target: str = typer.Argument(
         None, help="A plan file, or a diffusers model folder or hub id.", show_default=False
     ),
-    demo: str = typer.Option(
-        None, "--demo", help=f"A built-in tiny pipeline (no download, CPU): {choices(DEMOS)}."
-    ),
+    demo: str = options.DEMO,
     host: str = typer.Option("127.0.0.1", "--host", help="Address the HTTP server listens on."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port of the HTTP server."),
     size: list[str] = typer.Option(
@@ -63,40 +60,19 @@ def serve(
     model_name: str = typer.Option(
         None, "--model-name", help="The model id /v1/models lists (default: the model's name)."
     ),
-    devices: int = typer.Option(
-        None,
-        "--devices",
-        min=1,
-        help="Processes (one device each) on this node (default: the plan's, else 2).",
-    ),
-    num_nodes: int = typer.Option(1, "--num-nodes", min=1, help="Nodes taking part (same command on each)."),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index; node 0 serves HTTP."),
-    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Address of node 0."),
-    master_port: int = typer.Option(
-        None, "--master-port", min=1, max=65535, help="Free port on node 0 (required with --num-nodes > 1)."
-    ),
-    accelerator: str = typer.Option(
-        "auto", "--accelerator", help=f"{choices(AcceleratorKind)} (cpu: gloo, cuda: NCCL)."
-    ),
-    precision: str = typer.Option(
-        None, "--precision", help=f"{choices(Precision)} (default: the plan's or model's)."
-    ),
-    strategy: str = typer.Option(
-        None, "--strategy", help=f"{choices(Strategy)} (default: hybrid with a plan, else cfg)."
-    ),
-    window_guidance: str = typer.Option(
-        None, "--window-guidance", help=f"Guidance in the pipelined window: {choices(WindowGuidance)}."
-    ),
-    schedule: str = typer.Option(
-        None, "--schedule", help=f"When to pipeline (hybrid): {', '.join(SCHEDULE_NAMES)} or START-END."
-    ),
-    backend: str = typer.Option(
-        None, "--backend", help=f"{choices(Backend)} (default: the engines', else eager)."
-    ),
-    engines: Path = typer.Option(None, "--engines", help="An engine directory written by `accel export`."),
-    strict: bool = typer.Option(
-        None, "--strict", help="Fail when a stage cannot compile instead of running it eagerly."
-    ),
+    devices: int = options.DEVICES,
+    num_nodes: int = options.NUM_NODES,
+    node_rank: int = options.NODE_RANK,
+    master_addr: str = options.MASTER_ADDR,
+    master_port: int = options.MASTER_PORT,
+    accelerator: str = options.ACCELERATOR,
+    precision: str = options.PRECISION,
+    strategy: str = options.STRATEGY,
+    window_guidance: str = options.WINDOW_GUIDANCE,
+    schedule: str = options.SCHEDULE,
+    backend: str = options.BACKEND,
+    engines: Path = options.ENGINES,
+    strict: bool = options.STRICT,
     timeout: float = typer.Option(
         300.0,
         "--timeout",
