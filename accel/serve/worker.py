@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import logging
+import os
 import signal
 import socket
 import threading
@@ -74,12 +75,19 @@ def serve_worker(job: ServeJob) -> dict[str, Any]:
     """The launched function of ``accel serve``: serve until SIGTERM; returns rank 0's counts."""
     from accel.generation import run_in_group
 
-    return run_in_group(job.settings, job.log_level, lambda acc: _serve(acc, job))
-
-
-def _serve(acc: Any, job: ServeJob) -> dict[str, Any]:
     shutdown = _Shutdown()
     shutdown.install()
+    result = run_in_group(job.settings, job.log_level, lambda acc: _serve(acc, job, shutdown))
+    if shutdown.since is not None:
+        # The launcher forwarded SIGTERM and now waits for this process to exit; a worker that returns
+        # instead waits for the launcher to collect its result, which it does not do while shutting down.
+        log.info("drained: exiting")
+        logging.shutdown()
+        os._exit(0)
+    return result
+
+
+def _serve(acc: Any, job: ServeJob, shutdown: _Shutdown) -> dict[str, Any]:
     channel = BatchChannel.for_default_group() if acc.world_size > 1 else None
     if acc.rank != 0:
         assert channel is not None
