@@ -66,7 +66,7 @@ class _Shutdown:
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.since is None:
             self.since = time.monotonic()
-            log.warning("received %s: draining", signal.Signals(signum).name)
+            log.info("received %s: draining", signal.Signals(signum).name)
             for callback in self.callbacks:
                 callback()
 
@@ -75,6 +75,8 @@ def serve_worker(job: ServeJob) -> dict[str, Any]:
     """The launched function of ``accel serve``: serve until SIGTERM; returns rank 0's counts."""
     from accel.generation import run_in_group
 
+    # The server's own records (warm, draining, stopped) are shown whatever the other loggers' level.
+    logging.getLogger(__name__).setLevel(min(logging.INFO, logging.getLevelName(job.log_level)))
     shutdown = _Shutdown()
     shutdown.install()
     result = run_in_group(job.settings, job.log_level, lambda acc: _serve(acc, job, shutdown))
@@ -212,13 +214,85 @@ def _settle(
         pass  # cancelled in between
 
 
+class _Executor:
+    """Rank 0's side of the pipeline: posts each call to the other ranks, runs it, answers its requests."""
+
+    def __init__(
+        self, acc: Any, job: ServeJob, channel: BatchChannel | None, state: Any, metrics: Any
+    ) -> None:
+        pipe, wrapped = _load(acc, job)
+        self._run = _Call(pipe, wrapped)
+        self._channel = channel
+        self._state = state
+        self._metrics = metrics
+        self.batches = self.images = 0
+        # The sizes are known now that the model is: the endpoints validate against these.
+        state.settings = state.settings.with_sizes(_model_sizes(pipe, state.settings.sizes))
+
+    def call(self, message: dict[str, Any]) -> list[Any]:
+        """Run one call on every rank; its images."""
+        number = self._channel.post(message) if self._channel is not None else None
+        images = self._run(message)
+        if self._channel is not None and number is not None:
+            self._channel.done(number)  # every rank took part in the call: all of them have read it
+        return images
+
+    def warm_up(self) -> None:
+        """One call per served size and batch size, so that no request pays for a first call."""
+        settings = self._state.settings
+        for height, width in settings.sizes:
+            for count in _warm_counts(settings):
+                self.call(_warmup_message(settings, height, width, count))
+
+    def run_batch(self, batch: Any) -> None:
+        """Run ``batch`` and answer its requests; on failure, fail them (and the queued ones) and raise."""
+        from accel.serve.app import WorkerFailedError
+        from accel.serve.scheduler import RequestResult
+
+        begun = time.monotonic()
+        self._state.running = batch.images
+        try:
+            images = self.call(batch.call())
+        except Exception as exc:
+            failure = WorkerFailedError(
+                f"the worker group failed while generating ({type(exc).__name__}: {exc}); the server stops."
+            )
+            self._state.failure = str(failure)
+            for pending in batch.requests:
+                _settle(pending.future, error=failure)
+            raise failure from exc
+        ended = time.monotonic()
+        self._state.running = 0
+        loop_end = self._run.loop_end or ended
+        self._metrics.images.inc(batch.images)
+        self._metrics.batch_images.observe(batch.images)
+        self.batches += 1
+        self.images += batch.images
+        offset = 0
+        for pending in batch.requests:
+            n = pending.request.n
+            timings = {
+                "queue": begun - pending.enqueued,
+                "loop": loop_end - begun,
+                "decode": ended - loop_end,
+            }
+            result = RequestResult(images[offset : offset + n], pending.seeds, timings, batch.images)
+            _settle(pending.future, result=result)
+            offset += n
+
+    def stop_others(self) -> None:
+        """Tell the other ranks to leave their loops."""
+        if self._channel is not None:
+            self._channel.post(STOP)
+
+
 def _lead(acc: Any, job: ServeJob, channel: BatchChannel | None, shutdown: _Shutdown) -> dict[str, Any]:
-    """Rank 0: the HTTP server, the warm-up and the executor loop."""
+    """Rank 0: the HTTP server (a thread), then the warm-up, then batches until a drain ends."""
     import uvicorn
 
     from accel.serve.app import ServerState, WorkerFailedError, create_app
     from accel.serve.metrics import ServeMetrics
-    from accel.serve.scheduler import RequestResult, Scheduler, ShuttingDownError
+    from accel.serve.scheduler import Scheduler, ShuttingDownError
 
     settings = job.serve
     sock = _listen(settings.host, settings.port)
@@ -242,83 +316,39 @@ def _lead(acc: Any, job: ServeJob, channel: BatchChannel | None, shutdown: _Shut
         scheduler.close()
 
     shutdown.callbacks.append(start_draining)
-    served = {"batches": 0, "images": 0}
     try:
-        pipe, wrapped = _load(acc, job)
-        run = _Call(pipe, wrapped)
-        state.settings = settings = settings.with_sizes(_model_sizes(pipe, settings.sizes))
-
-        def call(message: dict[str, Any]) -> list[Any]:
-            number = channel.post(message) if channel is not None else None
-            images = run(message)
-            if channel is not None and number is not None:
-                channel.done(number)  # every rank took part in the call: all of them have read it
-            return images
-
         started = time.monotonic()
-        for height, width in settings.sizes:
-            for count in _warm_counts(settings):
-                call(_warmup_message(settings, height, width, count))
-        log.warning(
+        executor = _Executor(acc, job, channel, state, metrics)
+        executor.warm_up()
+        log.info(
             "warm after %.1f s: serving %s on http://%s:%d (sizes %s, %d process(es))",
             time.monotonic() - started,
             settings.model_name,
             settings.host,
             settings.port,
-            ", ".join(format_size(s) for s in settings.sizes),
+            ", ".join(format_size(s) for s in state.settings.sizes),
             acc.world_size,
         )
         state.ready = True
         metrics.ready.set(1)
-        while True:
-            if shutdown.since is not None:
-                if scheduler.depth == 0 or time.monotonic() - shutdown.since > settings.drain_timeout_s:
-                    break
+        while shutdown.since is None or (
+            scheduler.depth and time.monotonic() - shutdown.since <= settings.drain_timeout_s
+        ):
             batch = scheduler.next_batch(_IDLE_POLL_S)
-            if batch is None:
-                continue
-            metrics.queue_depth.set(scheduler.depth)
-            begun = time.monotonic()
-            state.running = batch.images
-            try:
-                images = call(batch.call())
-            except Exception as exc:
-                failure = WorkerFailedError(
-                    f"the worker group failed while generating ({type(exc).__name__}: {exc}); the server stops."
-                )
-                state.failure = str(failure)
-                scheduler.close()
-                for pending in batch.requests:
-                    _settle(pending.future, error=failure)
-                scheduler.fail_queued(failure)
-                raise
-            ended = time.monotonic()
-            state.running = 0
-            loop_end = run.loop_end or ended
-            scheduler.record_call(ended - begun)
-            metrics.images.inc(batch.images)
-            metrics.batch_images.observe(batch.images)
-            served["batches"] += 1
-            served["images"] += batch.images
-            offset = 0
-            for pending in batch.requests:
-                n = pending.request.n
-                timings = {
-                    "queue": begun - pending.enqueued,
-                    "loop": loop_end - begun,
-                    "decode": ended - loop_end,
-                }
-                result = RequestResult(images[offset : offset + n], pending.seeds, timings, batch.images)
-                _settle(pending.future, result=result)
-                offset += n
+            if batch is not None:
+                metrics.queue_depth.set(scheduler.depth)
+                started = time.monotonic()
+                executor.run_batch(batch)
+                scheduler.record_call(time.monotonic() - started)
         left = scheduler.fail_queued(ShuttingDownError("the server shut down before this request started."))
         if left:
             log.warning("drain deadline passed: %d queued request(s) answered 503", left)
-        if channel is not None:
-            channel.post(STOP)
+        executor.stop_others()
     except BaseException as exc:
         if state.failure is None:
             state.failure = f"the server failed: {type(exc).__name__}: {exc}"
+        scheduler.close()
+        scheduler.fail_queued(WorkerFailedError(state.failure))
         raise
     finally:
         scheduler.close()
@@ -326,8 +356,8 @@ def _lead(acc: Any, job: ServeJob, channel: BatchChannel | None, shutdown: _Shut
         server.should_exit = True
         http.join(settings.drain_timeout_s + 5)
         sock.close()
-    log.warning("stopped after %d batch(es), %d image(s)", served["batches"], served["images"])
-    return {"rank": acc.rank, **served}
+    log.info("stopped after %d batch(es), %d image(s)", executor.batches, executor.images)
+    return {"rank": acc.rank, "batches": executor.batches, "images": executor.images}
 
 
 def _warmup_message(settings: ServeSettings, height: int, width: int, count: int) -> dict[str, Any]:
