@@ -10,6 +10,8 @@ key.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +33,7 @@ class BatchChannel:
 
     def __init__(self, store: dist.Store, *, poll_s: float = 0.01) -> None:
         self._store = dist.PrefixStore("accel/serve/batch/", store)
+        self._processes = dist.PrefixStore("accel/serve/process/", store)
         self._poll_s = poll_s
         self._next = 0
 
@@ -38,6 +41,15 @@ class BatchChannel:
     def for_default_group(cls) -> BatchChannel:
         """The channel over the default process group's store."""
         return cls(dist.distributed_c10d._get_default_store())
+
+    def announce(self, rank: int) -> None:
+        """Record this process (host name and pid) under ``rank``, for :meth:`process`."""
+        self._processes.set(str(rank), json.dumps([socket.gethostname(), os.getpid()]))
+
+    def process(self, rank: int) -> tuple[str, int]:
+        """The host name and pid ``rank`` announced (waits for it, within the store's timeout)."""
+        host, pid = json.loads(self._processes.get(str(rank)))
+        return str(host), int(pid)
 
     def post(self, message: dict[str, Any]) -> int:
         """Send ``message`` (rank 0); returns its sequence number, for :meth:`done`."""

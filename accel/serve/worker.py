@@ -27,6 +27,7 @@ from typing import Any
 
 from accel.serve.channel import STOP, BatchChannel
 from accel.serve.settings import ServeSettings, ServeSettingsError, format_size
+from accel.serve.watch import PeerWatch
 from accel.source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def serve_worker(job: ServeJob) -> dict[str, Any]:
 
 def _serve(acc: Any, job: ServeJob, shutdown: _Shutdown) -> dict[str, Any]:
     channel = BatchChannel.for_default_group() if acc.world_size > 1 else None
+    if channel is not None:
+        channel.announce(acc.rank)
     if acc.rank != 0:
         assert channel is not None
         return _follow(acc, job, channel, shutdown)
@@ -225,6 +228,7 @@ class _Executor:
         self._channel = channel
         self._state = state
         self._metrics = metrics
+        self._running: Any = None
         self.batches = self.images = 0
         # The sizes are known now that the model is: the endpoints validate against these.
         state.settings = state.settings.with_sizes(_model_sizes(pipe, state.settings.sizes))
@@ -251,17 +255,19 @@ class _Executor:
 
         begun = time.monotonic()
         self._state.running = batch.images
+        self._running = batch
         try:
             images = self.call(batch.call())
         except Exception as exc:
+            # The peer watch may have named the cause already (a worker process that exited).
             failure = WorkerFailedError(
-                f"the worker group failed while generating ({type(exc).__name__}: {exc}); the server stops."
+                self._state.failure
+                or f"the worker group failed while generating ({type(exc).__name__}: {exc}); the server stops."
             )
-            self._state.failure = str(failure)
-            for pending in batch.requests:
-                _settle(pending.future, error=failure)
+            self.fail_running(failure)
             raise failure from exc
         ended = time.monotonic()
+        self._running = None
         self._state.running = 0
         loop_end = self._run.loop_end or ended
         self._metrics.images.inc(batch.images)
@@ -279,6 +285,13 @@ class _Executor:
             result = RequestResult(images[offset : offset + n], pending.seeds, timings, batch.images)
             _settle(pending.future, result=result)
             offset += n
+
+    def fail_running(self, failure: BaseException) -> None:
+        """Fail the requests of the running call (from any thread)."""
+        self._state.failure = self._state.failure or str(failure)
+        batch = self._running
+        for pending in batch.requests if batch is not None else ():
+            _settle(pending.future, error=failure)
 
     def stop_others(self) -> None:
         """Tell the other ranks to leave their loops."""
@@ -319,6 +332,17 @@ def _lead(acc: Any, job: ServeJob, channel: BatchChannel | None, shutdown: _Shut
     try:
         started = time.monotonic()
         executor = _Executor(acc, job, channel, state, metrics)
+
+        def worker_exited(rank: int, pid: int) -> None:
+            failure = WorkerFailedError(
+                f"the worker group failed: rank {rank} (pid {pid}) exited; the server stops."
+            )
+            scheduler.close()
+            executor.fail_running(failure)
+            scheduler.fail_queued(failure)
+
+        watch = PeerWatch(_local_peers(channel, acc.world_size), worker_exited)
+        watch.start()
         executor.warm_up()
         log.info(
             "warm after %.1f s: serving %s on http://%s:%d (sizes %s, %d process(es))",
@@ -343,6 +367,7 @@ def _lead(acc: Any, job: ServeJob, channel: BatchChannel | None, shutdown: _Shut
         left = scheduler.fail_queued(ShuttingDownError("the server shut down before this request started."))
         if left:
             log.warning("drain deadline passed: %d queued request(s) answered 503", left)
+        watch.stop()  # the other ranks exit now
         executor.stop_others()
     except BaseException as exc:
         if state.failure is None:
@@ -358,6 +383,18 @@ def _lead(acc: Any, job: ServeJob, channel: BatchChannel | None, shutdown: _Shut
         sock.close()
     log.info("stopped after %d batch(es), %d image(s)", executor.batches, executor.images)
     return {"rank": acc.rank, "batches": executor.batches, "images": executor.images}
+
+
+def _local_peers(channel: BatchChannel | None, world_size: int) -> dict[int, int]:
+    """rank -> pid of the other ranks on this host."""
+    host = socket.gethostname()
+    peers = {}
+    for rank in range(1, world_size if channel is not None else 1):
+        assert channel is not None
+        peer_host, pid = channel.process(rank)
+        if peer_host == host:
+            peers[rank] = pid
+    return peers
 
 
 def _warmup_message(settings: ServeSettings, height: int, width: int, count: int) -> dict[str, Any]:
