@@ -370,6 +370,20 @@ def _busy_port() -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
+def test_serve_without_its_extra_names_the_install_command(monkeypatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "uvicorn" else find_spec(name)
+    )
+    result = CliRunner().invoke(cli.app, ["serve", "--demo", "sdxl"])
+    assert result.exit_code == 2
+    assert "accel serve needs uvicorn, which is not installed: pip install 'accel[serve]'" in " ".join(
+        result.output.split()
+    )
+
+
 def test_serve_refuses_bad_command_lines(tmp_path) -> None:
     runner = CliRunner()
     sock, port = _busy_port()

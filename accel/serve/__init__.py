@@ -33,5 +33,6 @@ def require_extra() -> None:
     missing = [dist for module, dist in EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise MissingExtraError(
-            f"accel serve needs {', '.join(missing)}, which are not installed: pip install 'accel[serve]'."
+            f"accel serve needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            "pip install 'accel[serve]'."
         )
