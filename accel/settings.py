@@ -1,4 +1,9 @@
-"""Typed, validated settings shared by the Accelerator, ``wrap`` and plans."""
+"""Typed, validated settings shared by the Accelerator, ``wrap``, plans and the command line.
+
+The ground floor: imports nothing of accel but its errors, and not torch until a precision is looked up,
+so that the command line can take its choices from the ``Literal`` types below. The rules that several
+places apply (counts, world size, per-pipeline settings) live here as ``check_*`` functions.
+"""
 
 from __future__ import annotations
 
