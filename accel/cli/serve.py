@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ from rich.console import Console
 from accel.cli import options
 from accel.cli.common import fail, log_to
 from accel.errors import AccelError
-from accel.request import GenerationRequest, RequestError
+from accel.request import GenerationRequest
 
 HELP = """Serve a pipeline over HTTP: the workers start once, warm up, and stay up.
 
@@ -83,8 +81,10 @@ def serve(
         False, "--verbose", "-v", help="Log the workers' steps and every HTTP request."
     ),
 ) -> None:
-    from accel.jobs import Layout  # deferred: imports torch, which `accel --help` must not wait for
+    # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
+    from accel.jobs import Layout
     from accel.serve import require_extra
+    from accel.serve.job import serve_job
 
     console = Console(stderr=True, soft_wrap=True)
     if verbose:
@@ -112,91 +112,20 @@ def serve(
     )
     try:
         require_extra()
-        job, spec = _serve_job(
+        layout = Layout(devices, num_nodes, node_rank, master_addr, master_port, accelerator, timeout)
+        job, spec = serve_job(
             target,
             demo,
             request,
-            size or [],
+            layout,
             server,
-            verbose=verbose,
+            sizes=size or [],
             max_restarts=max_restarts,
-            layout=Layout(devices, num_nodes, node_rank, master_addr, master_port, accelerator, timeout),
+            verbose=verbose,
         )
     except AccelError as exc:
         fail(console, str(exc))
     _serve(console, job, spec)
-
-
-def _serve_job(
-    target: str | None,
-    demo: str | None,
-    request: GenerationRequest,
-    sizes: list[str],
-    server: dict[str, Any],
-    *,
-    layout: Any,
-    max_restarts: int,
-    verbose: bool,
-) -> tuple[Any, Any]:
-    """The job every worker runs and the launch spec; an :class:`AccelError` when it cannot serve."""
-    from accel.jobs import worker_settings
-    from accel.serve.settings import ServeSettings, parse_size
-    from accel.serve.worker import ServeJob
-    from accel.targets import resolve_target
-
-    tgt = resolve_target(target, demo)
-    if tgt.source is None:
-        raise RequestError(f"{target}: accel serve serves a plan or a model, not a script.")
-    settings, where = worker_settings(tgt, request, layout)
-    plan = tgt.plan if settings["strategy"] == "hybrid" else None
-    try:
-        served = tuple(dict.fromkeys(parse_size(text) for text in sizes))
-    except ValueError as exc:
-        raise RequestError(f"--size {exc}") from None
-    if plan is not None:
-        buckets = [(int(h), int(w)) for h, w in plan.resolutions]
-        outside = [s for s in served if s not in buckets]
-        if outside:
-            raise RequestError(
-                f"--size {', '.join(f'{w}x{h}' for h, w in outside)}: the plan {tgt.plan_path} has no bucket for "
-                f"it (its sizes: {', '.join(f'{w}x{h}' for h, w in buckets)}); make a plan for that size, or "
-                "serve with --strategy cfg."
-            )
-        served = served or tuple(buckets)
-    source = tgt.source
-    name = Path(source.location).name if source.kind == "folder" else source.location
-    serve_settings = ServeSettings(
-        **{**server, "model_name": server["model_name"] or name},
-        sizes=served,
-        batch_sizes=tuple(plan.batches) if plan is not None else None,
-    )
-    if where.node_rank == 0:
-        _check_port(serve_settings.host, serve_settings.port)
-    # The launcher gives the workers this long to drain after SIGTERM before it kills them.
-    spec = dataclasses.replace(
-        where.launch_spec(), max_restarts=max_restarts, stop_timeout_s=serve_settings.drain_timeout_s + 10
-    )
-    job = ServeJob(
-        source=source,
-        settings=settings,
-        serve=serve_settings,
-        log_level="INFO" if verbose else "WARNING",
-        access_log=verbose,
-    )
-    return job, spec
-
-
-def _check_port(host: str, port: int) -> None:
-    """Refuse a port that is in use now, before any worker starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise RequestError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port or --host."
-            ) from None
 
 
 def _serve(console: Console, job: Any, spec: Any) -> None:

@@ -2,13 +2,15 @@
 
 The pieces, from the HTTP request down to the ranks:
 
-- :mod:`accel.serve.settings`: the server's validated settings.
+- :mod:`accel.serve.settings`: the server's validated settings; :mod:`accel.serve.job`: what to serve,
+  checked before any process starts.
 - :mod:`accel.serve.schema`: request parsing and validation (OpenAI images API plus diffusers' fields).
 - :mod:`accel.serve.scheduler`: the bounded FIFO queue and the batcher.
 - :mod:`accel.serve.channel`: how rank 0 hands each batch to the other ranks (the group's store).
 - :mod:`accel.serve.metrics`: Prometheus metrics.
 - :mod:`accel.serve.app`: the FastAPI application and the page at ``/``.
-- :mod:`accel.serve.worker`: what each rank runs; :mod:`accel.serve.launcher`: starting the group.
+- :mod:`accel.serve.worker`: what each rank runs, and starting the group;
+  :mod:`accel.serve.watch`: rank 0 watching the worker processes of its host.
 
 FastAPI, uvicorn and prometheus-client are the optional extra ``accel[serve]``; :func:`require_extra`
 says how to install them when they are missing.

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from accel.serve.channel import STOP, BatchChannel
+from accel.serve.job import ServeJob, listening_socket
 from accel.serve.settings import ServeSettings, ServeSettingsError, format_size
 from accel.serve.watch import PeerWatch
-from accel.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +36,6 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.1
 #: How long the other ranks keep waiting for rank 0 after their own SIGTERM, beyond the drain deadline.
 _FOLLOW_GRACE_S = 5.0
-
-
-@dataclass(frozen=True)
-class ServeJob:
-    """Everything a serving worker needs (picklable: it travels to spawned processes).
-
-    ``source`` names the model, ``settings`` are the keyword arguments of :class:`accel.AccelSettings`,
-    ``serve`` the server's settings.
-    """
-
-    source: ModelSource
-    settings: dict[str, Any]
-    serve: ServeSettings
-    log_level: str = "WARNING"
-    access_log: bool = False
 
 
 @dataclass
@@ -185,23 +170,6 @@ def _warm_counts(settings: ServeSettings) -> list[int]:
     return sorted({counts[0], counts[-1]})
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The HTTP socket, bound before anything loads so that a port in use fails at once."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(
-            f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port or --host."
-        ) from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 def _settle(
     future: concurrent.futures.Future[Any], *, result: Any = None, error: BaseException | None = None
 ) -> None:
@@ -308,7 +276,7 @@ def _lead(acc: Any, job: ServeJob, channel: BatchChannel | None, shutdown: _Shut
     from accel.serve.scheduler import Scheduler, ShuttingDownError
 
     settings = job.serve
-    sock = _listen(settings.host, settings.port)
+    sock = listening_socket(settings.host, settings.port)
     state = ServerState(settings=settings, world_size=acc.world_size)
     scheduler = Scheduler(settings)
     metrics = ServeMetrics()
