@@ -363,6 +363,33 @@ def test_a_killed_worker_ends_the_server_with_503_and_a_clear_message(servers, s
     assert not [pid for pid in workers if _alive(pid)]
 
 
+def _request(size: int = 64, n: int = 1, steps: int = 4) -> Any:
+    from accel.serve.schema import ImageRequest
+
+    return ImageRequest("a cat", n, size, size, steps, 5.0, None, 0)
+
+
+def test_the_batcher_takes_the_oldest_request_and_same_shaped_ones_behind_it() -> None:
+    from accel.serve.scheduler import QueueFullError, Scheduler
+    from accel.serve.settings import ServeSettings
+
+    scheduler = Scheduler(ServeSettings(sizes=((64, 64), (128, 128)), max_batch=4, batch_wait_ms=0, queue=5))
+    requests = [_request(), _request(128), _request(n=2), _request(), _request(n=2)]
+    a, b, c, d, e = (scheduler.submit(r, [10 * i + k for k in range(r.n)]) for i, r in enumerate(requests))
+    with pytest.raises(QueueFullError):
+        scheduler.submit(_request(), [9])
+    first, second, third = (scheduler.next_batch(1) for _ in range(3))
+    assert first is not None and first.requests == [a, c, d]  # 4 images; e would make 6
+    assert second is not None and second.requests == [b]
+    assert third is not None and third.requests == [e]
+    assert scheduler.next_batch(0.01) is None
+    assert first.call()["seeds"] == [0, 20, 21, 30] and first.call()["prompts"] == ["a cat"] * 4
+    # A plan's batch sizes (1 and 4 here): three same-shaped images go one at a time.
+    planned = Scheduler(ServeSettings(sizes=((64, 64),), batch_sizes=(1, 4), max_batch=4, batch_wait_ms=0))
+    pending = [planned.submit(_request(), [i]) for i in range(3)]
+    assert [planned.next_batch(1).requests for _ in range(3)] == [[p] for p in pending]  # type: ignore[union-attr]
+
+
 def _busy_port() -> tuple[socket.socket, int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

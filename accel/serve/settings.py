@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from accel.errors import AccelError
 
@@ -100,6 +100,4 @@ class ServeSettings:
 
     def with_sizes(self, sizes: tuple[tuple[int, int], ...]) -> ServeSettings:
         """These settings serving ``sizes`` (the model's default size, once it is known)."""
-        from dataclasses import replace
-
         return replace(self, sizes=sizes)

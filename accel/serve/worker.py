@@ -282,7 +282,7 @@ def _lead(acc: Any, job: ServeJob, channel: BatchChannel | None, shutdown: _Shut
     metrics = ServeMetrics()
     config = uvicorn.Config(
         create_app(state, scheduler, metrics),
-        log_level="warning",
+        log_level="info" if job.access_log else "warning",
         access_log=job.access_log,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
