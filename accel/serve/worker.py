@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: How long the executor waits for a batch before it checks for a shutdown.
 _IDLE_POLL_S = 0.1
+#: How long rank 0 lets the HTTP thread answer after a peer's reported failure, before it stops.
+_ANSWER_GRACE_S = 1.0
 #: How long the other ranks keep waiting for rank 0 after their own SIGTERM, beyond the drain deadline.
 _FOLLOW_GRACE_S = 5.0
 
@@ -301,16 +303,25 @@ def _lead(acc: Any, job: ServeJob, channel: BatchChannel | None, shutdown: _Shut
         started = time.monotonic()
         executor = _Executor(acc, job, channel, state, metrics)
 
-        def worker_exited(rank: int, pid: int) -> None:
-            failure = WorkerFailedError(
-                f"the worker group failed: rank {rank} (pid {pid}) exited; the server stops."
-            )
+        def fail_all(failure: BaseException) -> None:
             scheduler.close()
             executor.fail_running(failure)
             scheduler.fail_queued(failure)
 
+        def worker_exited(rank: int, pid: int) -> None:
+            fail_all(
+                WorkerFailedError(
+                    f"the worker group failed: rank {rank} (pid {pid}) exited; the server stops."
+                )
+            )
+
+        def peer_failed(message: str) -> None:
+            fail_all(WorkerFailedError(f"the worker group failed: {message}; the server stops."))
+            time.sleep(_ANSWER_GRACE_S)  # the HTTP thread sends the 503s before this process exits
+
         watch = PeerWatch(_local_peers(channel, acc.world_size), worker_exited)
         watch.start()
+        acc.on_peer_failure(peer_failed)
         executor.warm_up()
         log.info(
             "warm after %.1f s: serving %s on http://%s:%d (sizes %s, %d process(es))",
