@@ -179,6 +179,13 @@ class Accelerator:
         if self._monitor is not None:
             self._monitor.post(exc)
 
+    def on_peer_failure(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(message)`` when another rank reports a failure, just before this process stops
+        because of it (a server answers its clients first). It runs on the failure monitor's thread and
+        should return within seconds. Nothing happens with one process."""
+        if self._monitor is not None:
+            self._monitor.before_exit(callback)
+
     def teardown(self) -> None:
         """Leave the process group cleanly (every rank calls it once its work is done)."""
         self._leave_group(barrier=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -19,6 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from accel.accelerator import Accelerator
 from accel.atomic import atomic_path
+from accel.images import call_arguments
+from accel.launch import launched_environment
 from accel.request import IMAGE_SUFFIXES
 from accel.settings import AccelSettings
 from accel.source import ModelSource
@@ -26,6 +28,8 @@ from accel.targets import load_pipeline
 from accel.wrapper import unwrap
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,22 +112,30 @@ def generate(job: GenerationJob) -> dict[str, Any]:
     (this function entered), ``loaded`` (pipeline loaded), ``wrapped``, ``first_call`` (the first pipeline
     call returned) and ``first_saved`` (its images written), so a caller can split its own start-up time.
     """
-    worker_started = time.time()
-    # Ctrl-C reaches every process of the terminal; the launcher stops the workers (SIGTERM), so a worker
-    # ignores SIGINT rather than print its own KeyboardInterrupt traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    startup = {"worker": time.time()}
+    return run_in_group(job.settings, job.log_level, lambda acc: _generate(acc, job, startup))
+
+
+def run_in_group(settings: dict[str, Any], log_level: str, work: Callable[[Accelerator], T]) -> T:
+    """In a launched worker process: join the group with ``settings`` (:class:`AccelSettings` keyword
+    arguments), return ``work(accelerator)`` and leave the group; a failure is posted to the other ranks
+    first."""
+    if launched_environment() is not None:
+        # Ctrl-C reaches every process of the terminal; the launcher stops the workers (SIGTERM), so a
+        # launched worker ignores SIGINT rather than print its own KeyboardInterrupt traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     import lightning  # noqa: F401  (its import sets its loggers to INFO; quieted below, after it)
 
     # A fresh process: its log format is this worker's to choose, with the rank on every line.
     rank = os.environ.get("RANK", "0")  # unset when this process is the only one
-    logging.basicConfig(level=job.log_level, format=f"%(asctime)s rank {rank} %(name)s: %(message)s")
+    logging.basicConfig(level=log_level, format=f"%(asctime)s rank {rank} %(name)s: %(message)s")
     # Fabric announces every process group at INFO; the run's own summary says what matters.
     for name in ("lightning.fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    acc = Accelerator(settings=AccelSettings(**job.settings))
+    acc = Accelerator(settings=AccelSettings(**settings))
     acc.launch()
     try:
-        result = _generate(acc, job, {"worker": worker_started})
+        result = work(acc)
     except BaseException as exc:
         acc.report_failure(exc)  # peers on other nodes stop now instead of at the collective timeout
         raise
@@ -131,16 +143,28 @@ def generate(job: GenerationJob) -> dict[str, Any]:
     return result
 
 
-def _generate(acc: Accelerator, job: GenerationJob, startup: dict[str, float]) -> dict[str, Any]:
+def load_wrapped(acc: Accelerator, source: ModelSource) -> tuple[Any, Any]:
+    """The pipeline ``source`` names, loaded for ``acc``'s precision and device, and its wrapper."""
+    pipe = load_for(acc, source)
+    return pipe, acc.wrap(pipe)
+
+
+def load_for(acc: Accelerator, source: ModelSource) -> Any:
+    """The pipeline ``source`` names, loaded for ``acc``'s precision and device (not wrapped)."""
     device = acc.device
     dtype = acc.settings.dtype
-    if dtype is None and job.source.kind == "arch":
+    if dtype is None and source.kind == "arch":
         # Full-size random-weight models: fp16 on GPUs, as `accel plan --arch` profiles them.
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(job.source, dtype=dtype, device=device if job.source.kind == "arch" else "cpu")
-    startup["loaded"] = time.time()
+    pipe = load_pipeline(source, dtype=dtype, device=device if source.kind == "arch" else "cpu")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # accel's own bar replaces diffusers' per-rank bars
+    return pipe
+
+
+def _generate(acc: Accelerator, job: GenerationJob, startup: dict[str, float]) -> dict[str, Any]:
+    pipe = load_for(acc, job.source)
+    startup["loaded"] = time.time()
     wrapped = acc.wrap(pipe)
     startup["wrapped"] = time.time()
     takes_callback = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
@@ -178,17 +202,13 @@ def _generate(acc: Accelerator, job: GenerationJob, startup: dict[str, float]) -
 
 
 def _call_arguments(job: GenerationJob, start: int, prompts: list[str]) -> dict[str, Any]:
-    call: dict[str, Any] = dict(
-        prompt=prompts,
-        num_inference_steps=job.steps,
-        guidance_scale=job.guidance,
-        # One generator per image: image i looks the same whatever the batch size.
-        generator=[torch.Generator("cpu").manual_seed(job.seed + start + i) for i in range(len(prompts))],
+    return call_arguments(
+        prompts,
+        # Image i (over all prompts) uses seed + i: it looks the same whatever the batch size.
+        [job.seed + start + i for i in range(len(prompts))],
+        steps=job.steps,
+        guidance=job.guidance,
+        negative_prompts=[job.negative_prompt] * len(prompts) if job.negative_prompt else None,
+        height=job.height,
+        width=job.width,
     )
-    if job.negative_prompt:
-        call["negative_prompt"] = [job.negative_prompt] * len(prompts)
-    if job.height is not None:
-        call["height"] = job.height
-    if job.width is not None:
-        call["width"] = job.width
-    return call

@@ -76,10 +76,14 @@ def plan_worlds(stages: int) -> list[int]:
     return [2, 4] if stages == 2 else [2 * stages]
 
 
-def generation_job(
-    target: Target, request: GenerationRequest, layout: Layout, *, progress: bool, log_level: str
-) -> tuple[GenerationJob, LaunchSpec]:
-    """The job each worker runs and the launch spec for ``target``; :class:`RequestError` if it cannot run."""
+def worker_settings(
+    target: Target, request: GenerationRequest, layout: Layout
+) -> tuple[dict[str, Any], Layout]:
+    """The :class:`AccelSettings` keyword arguments every worker makes for a model or plan ``target``
+    (checked here against this machine's devices), and ``layout`` with its device count decided.
+
+    Only the settings part of ``request`` counts here (precision, strategy, window guidance, schedule,
+    backend, engines, strict); :class:`RequestError` if they cannot run."""
     r = request
     plan = target.plan
     strategy = r.strategy or ("hybrid" if plan is not None else "cfg")
@@ -123,6 +127,18 @@ def generation_job(
     if plan is not None and strategy == "hybrid":
         settings["plan"] = str(target.plan_path.resolve()) if target.plan_path is not None else None
     checked = layout.checked_settings(**settings)
+    settings.update(devices=checked.devices, num_nodes=checked.num_nodes, accelerator=checked.accelerator)
+    return settings, layout
+
+
+def generation_job(
+    target: Target, request: GenerationRequest, layout: Layout, *, progress: bool, log_level: str
+) -> tuple[GenerationJob, LaunchSpec]:
+    """The job each worker runs and the launch spec for ``target``; :class:`RequestError` if it cannot run."""
+    r = request
+    plan = target.plan
+    settings, layout = worker_settings(target, request, layout)
+    strategy = settings["strategy"]
     spec = layout.launch_spec()
     prompts = read_prompts(r.prompts, r.prompts_file)
     output = r.output or DEFAULT_OUTPUT
@@ -134,7 +150,6 @@ def generation_job(
         batch_size = batch_size or plan.batches[0]
         if strategy == "hybrid":
             check_plan_shapes(plan, target.plan_path, height, width, batch_size, len(prompts))
-    settings.update(devices=checked.devices, num_nodes=checked.num_nodes, accelerator=checked.accelerator)
     assert target.source is not None
     job = GenerationJob(
         source=target.source,

@@ -61,6 +61,10 @@ class LaunchSpec:
         join_timeout_s: how long a node waits for the others to join before giving up.
         threads_per_worker: CPU threads per worker (``OMP_NUM_THREADS``) unless the environment sets it;
             ``None`` divides this machine's cores among the workers.
+        max_restarts: how often the workers of this node are restarted after one fails (0: the failure
+            ends the launch; a generation run fails the same way again, a server may recover).
+        stop_timeout_s: after SIGTERM/SIGINT (forwarded to the workers), how long the workers may take to
+            exit before they are killed.
     """
 
     devices: int = 1
@@ -70,6 +74,8 @@ class LaunchSpec:
     master_port: int | None = None
     join_timeout_s: float = 300.0
     threads_per_worker: int | None = None
+    max_restarts: int = 0
+    stop_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         check_count("devices", self.devices)
@@ -91,6 +97,10 @@ class LaunchSpec:
             )
         if not self.join_timeout_s > 0:
             raise SettingsError(f"join_timeout_s must be > 0, got {self.join_timeout_s!r}.")
+        if self.max_restarts < 0:
+            raise SettingsError(f"max_restarts must be >= 0 (--max-restarts), got {self.max_restarts!r}.")
+        if not self.stop_timeout_s > 0:
+            raise SettingsError(f"stop_timeout_s must be > 0, got {self.stop_timeout_s!r}.")
 
     @property
     def world_size(self) -> int:
@@ -169,8 +179,7 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
             rdzv_backend="static",
             rdzv_endpoint=f"{spec.master_addr}:{port}",
             rdzv_configs={"rank": spec.node_rank, "timeout": max(1, int(spec.join_timeout_s))},
-            # A failed generation is not retried: the same input would fail again.
-            max_restarts=0,
+            max_restarts=spec.max_restarts,
             # Long enough for a failing worker to record its error before the launcher stops it because a
             # peer that saw the failure (accel's failure monitor) exited first.
             monitor_interval=0.5,
@@ -181,6 +190,8 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         )
+        if "shutdown_timeout" in LaunchConfig.__dataclass_fields__:  # torch >= 2.12
+            config.shutdown_timeout = max(1, int(spec.stop_timeout_s))
         log.info(
             "starting %d worker(s) on node %d/%d, rendezvous %s:%d",
             spec.devices,

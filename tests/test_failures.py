@@ -63,6 +63,8 @@ def test_exception_on_rank1_ends_both_ranks() -> None:
     assert "injected failure on rank 1" in outputs[1]
     # rank 0 was waiting in a collective: it must stop with rank 1's error, not a timeout
     assert "rank 1 failed with RuntimeError: injected failure on rank 1" in outputs[0], outputs[0]
+    # A callback registered with Accelerator.on_peer_failure ran first, with the cause.
+    assert "before stopping: rank 1 failed with RuntimeError: injected failure on rank 1" in outputs[0]
 
 
 def test_mismatched_settings_fail_on_every_rank() -> None:

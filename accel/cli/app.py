@@ -13,7 +13,7 @@ from types import FrameType
 
 import typer
 
-from accel.cli import bench, doctor, export, inspect, plan, run
+from accel.cli import bench, doctor, export, inspect, plan, run, serve
 from accel.errors import Interrupted
 
 #: The signals a command stops on with a one-line message and exit status ``128 + signum``.
@@ -21,7 +21,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 app = typer.Typer(
     name="accel",
-    help="Hybrid data-pipeline parallelism for diffusers pipelines: plan, export, run, bench.",
+    help="Hybrid data-pipeline parallelism for diffusers pipelines: plan, export, run, serve, bench.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -32,6 +32,7 @@ app.command("export")(export.export)
 app.command("inspect")(inspect.inspect)
 app.command("plan")(plan.plan)
 app.command("run", help=run.HELP, context_settings={"allow_extra_args": True})(run.run)
+app.command("serve", help=serve.HELP)(serve.serve)
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:

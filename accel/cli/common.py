@@ -5,6 +5,7 @@ Nothing heavy is imported here (``accel --help`` imports every command module).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
@@ -36,6 +37,15 @@ def check_writable(console: Console, path: Path) -> None:
     reason = unwritable_reason(path)
     if reason is not None:
         fail(console, f"--output {path}: {reason}.")
+
+
+def log_to(console: Console) -> None:
+    """Send accel's and the elastic launcher's records to the console (the CLI owns this process)."""
+    from rich.logging import RichHandler
+
+    logging.getLogger("accel").setLevel(logging.INFO)
+    logging.getLogger("accel.launch").setLevel(logging.DEBUG)  # includes the elastic launcher's records
+    logging.getLogger("accel").addHandler(RichHandler(console=console, show_path=False))
 
 
 def check_device(device: str) -> None:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
-from accel.cli.common import choices, fail
+from accel.cli import options
+from accel.cli.common import fail, log_to
 from accel.errors import AccelError
 from accel.launch import LaunchError, launch_function, launch_script
-from accel.request import DEFAULT_PROMPT, SCHEDULE_NAMES, GenerationRequest, RequestError
-from accel.settings import AcceleratorKind, Backend, Precision, Strategy, WindowGuidance
-from accel.source import DEMOS
+from accel.request import DEFAULT_PROMPT, GenerationRequest, RequestError
 
 HELP = """Generate images on several devices, launching one worker process per device.
 
@@ -35,13 +32,6 @@ devices=2)` inside it joins the group; arguments after `--` go to the script.
 """
 
 
-def _log_to(console: Console) -> None:
-    """Send accel's and the elastic launcher's records to the console (the CLI owns this process)."""
-    logging.getLogger("accel").setLevel(logging.INFO)
-    logging.getLogger("accel.launch").setLevel(logging.DEBUG)  # includes the elastic launcher's records
-    logging.getLogger("accel").addHandler(RichHandler(console=console, show_path=False))
-
-
 def _launch_failed(console: Console, message: str, exc: Any, as_json: bool) -> NoReturn:
     """A worker failed: say which and why (also as JSON on stdout with ``--json``), exit 1."""
     if as_json:
@@ -54,9 +44,7 @@ def run(
     target: str = typer.Argument(
         None, help="A plan file, a diffusers model folder or hub id, or a script.py.", show_default=False
     ),
-    demo: str = typer.Option(
-        None, "--demo", help=f"A built-in tiny pipeline (no download, CPU): {choices(DEMOS)}."
-    ),
+    demo: str = options.DEMO,
     prompt: list[str] = typer.Option(
         None, "--prompt", "-p", help=f"A prompt; repeat for several (default: {DEFAULT_PROMPT!r})."
     ),
@@ -77,42 +65,19 @@ def run(
     ),
     width: int = typer.Option(None, "--width", min=8, help="Image width (default: the plan's or model's)."),
     seed: int = typer.Option(None, "--seed", help="Image i uses seed SEED+i (default: 0)."),
-    devices: int = typer.Option(
-        None,
-        "--devices",
-        min=1,
-        help="Processes (one device each) on this node (default: the plan's, else 2).",
-    ),
-    num_nodes: int = typer.Option(1, "--num-nodes", min=1, help="Nodes taking part (same command on each)."),
-    node_rank: int = typer.Option(
-        0, "--node-rank", min=0, help="This node's index; node 0 hosts the rendezvous."
-    ),
-    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Address of node 0."),
-    master_port: int = typer.Option(
-        None, "--master-port", min=1, max=65535, help="Free port on node 0 (required with --num-nodes > 1)."
-    ),
-    accelerator: str = typer.Option(
-        "auto", "--accelerator", help=f"{choices(AcceleratorKind)} (cpu: gloo, cuda: NCCL)."
-    ),
-    precision: str = typer.Option(
-        None, "--precision", help=f"{choices(Precision)} (default: the plan's or model's)."
-    ),
-    strategy: str = typer.Option(
-        None, "--strategy", help=f"{choices(Strategy)} (default: hybrid with a plan, else cfg)."
-    ),
-    window_guidance: str = typer.Option(
-        None, "--window-guidance", help=f"Guidance in the pipelined window: {choices(WindowGuidance)}."
-    ),
-    schedule: str = typer.Option(
-        None, "--schedule", help=f"When to pipeline (hybrid): {', '.join(SCHEDULE_NAMES)} or START-END."
-    ),
-    backend: str = typer.Option(
-        None, "--backend", help=f"{choices(Backend)} (default: the engines', else eager)."
-    ),
-    engines: Path = typer.Option(None, "--engines", help="An engine directory written by `accel export`."),
-    strict: bool = typer.Option(
-        None, "--strict", help="Fail when a stage cannot compile instead of running it eagerly."
-    ),
+    devices: int = options.DEVICES,
+    num_nodes: int = options.NUM_NODES,
+    node_rank: int = options.NODE_RANK,
+    master_addr: str = options.MASTER_ADDR,
+    master_port: int = options.MASTER_PORT,
+    accelerator: str = options.ACCELERATOR,
+    precision: str = options.PRECISION,
+    strategy: str = options.STRATEGY,
+    window_guidance: str = options.WINDOW_GUIDANCE,
+    schedule: str = options.SCHEDULE,
+    backend: str = options.BACKEND,
+    engines: Path = options.ENGINES,
+    strict: bool = options.STRICT,
     timeout: float = typer.Option(
         300.0, "--timeout", min=1.0, help="Seconds any collective (and joining the group) may wait."
     ),
@@ -138,7 +103,7 @@ def run(
 
     console = Console(stderr=True, soft_wrap=True)
     if verbose:
-        _log_to(console)
+        log_to(console)
     request = GenerationRequest(
         prompt, prompts_file, negative_prompt, batch_size, steps, guidance, height, width, seed, precision,
         strategy, window_guidance, schedule, backend, engines, strict, warmup, output

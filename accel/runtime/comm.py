@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -232,6 +233,7 @@ class FailureMonitor:
         self._world_size = world_size
         self._poll_s = poll_s
         self._failed_locally = False
+        self._before_exit: list[Callable[[str], None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="accel-failure-monitor", daemon=True)
 
@@ -258,6 +260,11 @@ class FailureMonitor:
         atexit.unregister(self.stop)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
+
+    def before_exit(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(message)`` when a peer's failure stops this rank, just before the process exits
+        (a server answers its clients with the cause). It runs on the watcher thread."""
+        self._before_exit.append(callback)
 
     def post(self, exc: BaseException) -> None:
         """Publish this rank's failure so that every other rank stops too."""
@@ -291,6 +298,11 @@ class FailureMonitor:
                 return
             message = f"rank {failure['rank']} failed with {failure['error']}"
             log.error("stopping rank %d because %s", self._rank, message)
+            for callback in self._before_exit:
+                try:
+                    callback(message)
+                except Exception:
+                    log.exception("a callback before stopping rank %d failed", self._rank)
             _record_peer_failure(failure, message)
             logging.shutdown()
             os._exit(1)

@@ -19,6 +19,9 @@ def main(mode: str) -> None:
     if mode == "mismatch" and rank == 1:
         settings["collective_timeout_s"] = 60.0
     pipe = accel.wrap(build_pipeline("sdxl"), **settings)
+    if mode == "fail-rank1" and rank == 0:
+        # What a server does before a peer's failure stops this rank: answer its clients with the cause.
+        pipe.accelerator.on_peer_failure(lambda message: print(f"before stopping: {message}", flush=True))
 
     def on_step_end(_pipe, step, timestep, kwargs):
         if mode == "fail-rank1" and rank == 1 and step == 1:
