@@ -178,7 +178,11 @@ class BoundWeights:
 
     def graph_changes(self, module: torch.nn.Module) -> list[str]:
         """What in ``module`` now differs from the bound tensors in a way the compiled graph cannot take:
-        tensors gone, added, or of another shape, dtype or device."""
+        submodules swapped (stage adapters may hold the old ones), tensors gone, added, or of another
+        shape, dtype or device."""
+        swapped = [name for table, name, child in self._children if table.get(name) is not child]
+        if swapped:
+            return [f"submodule {', '.join(dict.fromkeys(swapped))} was replaced by another module"]
         now: dict[str, torch.Tensor] = dict(module.named_parameters())
         now.update(module.named_buffers())
         changes = [f"{p} is gone" for p in self._paths if p not in now]
