@@ -204,9 +204,8 @@ class HybridHook(WindowHook[PairStageExecutor]):
 
     # -- the hook ----------------------------------------------------------------------------------
     def _guided_call(
-        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, step: int
     ) -> Any:
-        step = self.state.calls
         self.state.calls += 1
         split = self.split_for(batch)
         phase = self._enter(step, module, args, kwargs, batch)
