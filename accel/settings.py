@@ -307,7 +307,8 @@ class AccelSettings:
             ``schedule`` (stale activations): on 2 devices one plan stage per device, on ``2k > 2`` devices
             each CFG group of ``k`` pipelines its own branch over ``k`` stages (docs/scaling.md).
         window_guidance: guidance inside the 2-device pipelined window (``strategy="hybrid"``):
-            ``"reference"`` (the published behaviour: guidance dropped, stages fed mixed conditioning),
+            ``"reference"`` (the published window guidance: guidance dropped, stages fed mixed conditioning;
+            docs/concepts.md lists where it differs from the research code),
             ``"cached"`` (pipeline the conditional branch, re-apply the last measured ``eps_c - eps_u``),
             ``"off"`` (conditional branch only). Ignored on ``2k > 2`` devices, where both branches are
             pipelined and guidance uses both (logged at INFO when set to another value than the default).

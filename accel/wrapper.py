@@ -353,6 +353,9 @@ def wrap_pipeline(
         def guided() -> bool:
             return bool(getattr(pipe, "do_classifier_free_guidance", False))
 
+        def split_problem() -> str | None:
+            return _split_problem(pipe)
+
         if settings.strategy == "hybrid":
             stages = process.layout.window_stages
             options: WindowOptions = dict(
@@ -362,6 +365,7 @@ def wrap_pipeline(
                 get_plan=_PlanSource(pipe, denoiser, loaded, comm.rank, stages),
                 runner=runner,
                 vae_scale_factor=int(getattr(pipe, "vae_scale_factor", 8) or 8),
+                split_problem=split_problem,
             )
             if comm.world_size == 2:
                 hook = HybridHook(comm, guided, window_guidance=settings.window_guidance, **options)
@@ -370,7 +374,7 @@ def wrap_pipeline(
                     _note_window_guidance(settings, comm.world_size, stages)
                 hook = GroupPipelineHook(comm, guided, **options)
         else:
-            hook = CFGSplitHook(comm, owns_result=guided)
+            hook = CFGSplitHook(comm, owns_result=guided, split_problem=split_problem)
         # Registered last, so it is outermost: it slices the batch, then calls the compiled stage.
         site.register(hook, HOOK_NAME)
     return AcceleratedPipeline(pipe, process, hook, restore, runner)
@@ -391,8 +395,20 @@ def _install_compiled(
     return runner
 
 
+def _split_problem(pipe: Any) -> str | None:
+    """Why the pipeline's current denoiser batch must not be cut into rows (``None``: it may)."""
+    if getattr(pipe, "do_perturbed_attention_guidance", False):
+        return (
+            "perturbed-attention guidance (PAG) batches three branches (unconditional, conditional, "
+            "perturbed) that its attention processors tell apart by chunking the batch inside the denoiser, "
+            "so no rank can run a part of it alone; call with pag_scale=0 (or a pipeline without PAG) for "
+            "the CFG split and the window"
+        )
+    return None
+
+
 def _num_steps(pipe: Any) -> int | None:
-    """Denoiser calls of the current call: diffusers sets ``_num_timesteps`` before its loop."""
+    """Steps of the current call: diffusers sets ``_num_timesteps`` before its loop."""
     value = getattr(pipe, "_num_timesteps", None)
     if isinstance(value, int) and value > 0:
         return value

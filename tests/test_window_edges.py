@@ -77,3 +77,119 @@ def test_a_state_a_compiled_segment_was_not_built_for_runs_eagerly() -> None:
     assert (0, 2) not in compiled and (2, n) in compiled  # later steps run it eagerly without asking again
     for name, tensor in adapter.state_tensors(expected, 2).items():
         assert torch.equal(adapter.state_tensors(out, 2)[name], tensor), name
+
+
+# -- several denoiser calls per step, and 3-branch batches ---------------------------------------------------
+STEPS = 8
+WINDOW = (3, 5)
+SLG = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=0.9)
+PAG = dict(pag_scale=3.0)
+ONE, TWO = "a handwritten seven", ["a handwritten seven", "a handwritten two"]
+#: (name, pipeline, call): SD3 with skip-layer guidance (an extra denoiser call on the conditional rows in
+#: steps 1-7), and perturbed-attention guidance (a batch of 3B rows: uncond, cond, perturbed).
+EXTRA_CALL_CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("slg-b1", "sd3", dict(prompt=ONE, **SLG)),
+    ("slg-b2", "sd3", dict(prompt=TWO, **SLG)),
+    ("pag-sdxl-b1", "sdxl-pag", dict(prompt=ONE, **PAG)),
+    ("pag-sdxl-b2", "sdxl-pag", dict(prompt=TWO, **PAG)),
+    ("pag-sd3-b2", "sd3-pag", dict(prompt=TWO, **PAG)),
+]
+HYBRID_CASES = ("slg-b1", "slg-b2", "pag-sdxl-b2")
+
+
+def _pipelines() -> dict[str, Any]:
+    from diffusers import StableDiffusion3PAGPipeline, StableDiffusionXLPAGPipeline
+
+    sd3, sdxl = build_pipeline("sd3"), build_pipeline("sdxl")
+    return {
+        "sd3": sd3,
+        "sdxl-pag": StableDiffusionXLPAGPipeline.from_pipe(sdxl, pag_applied_layers=["mid"]),
+        "sd3-pag": StableDiffusion3PAGPipeline.from_pipe(sd3, pag_applied_layers=["blocks.1"]),
+    }
+
+
+def _run(pipe: Any, call: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    steps: list[torch.Tensor] = []
+
+    def on_step_end(_pipe, step, timestep, cb_kwargs):
+        steps.append(cb_kwargs["latents"].clone())
+        return cb_kwargs
+
+    images = pipe(
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        height=HEIGHT,
+        width=WIDTH,
+        output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(1234),
+        callback_on_step_end=on_step_end,
+        **call,
+    ).images
+    return images, steps
+
+
+def _extra_calls_worker(acc: accel.Accelerator, out_dir: str) -> None:
+    pipes = _pipelines()
+    results: dict[str, Any] = {}
+    for name, which, call in EXTRA_CALL_CASES:
+        wrapped = accel.wrap(pipes[which], accelerator=acc, strategy="cfg")
+        results[f"cfg/{name}"] = (_run(wrapped, call), wrapped.last_report)
+        accel.unwrap(wrapped)
+        if name not in HYBRID_CASES:
+            continue
+        wrapped = accel.wrap(pipes[which], accelerator=acc, schedule=WINDOW, window_guidance="cached")
+        records: list[Any] = []
+        wrapped.runtime.recorder = records.append
+        results[f"hybrid/{name}"] = (_run(wrapped, call), wrapped.last_report, records)
+        accel.unwrap(wrapped)
+    torch.save(results, f"{out_dir}/rank{acc.rank}.pt")
+
+
+def test_extra_denoiser_calls_and_three_branch_batches(tmp_path) -> None:
+    """Skip-layer guidance and perturbed-attention guidance are exact with strategy="cfg", and a step of
+    the schedule is a pipeline step: skip-layer guidance's extra call per step neither moves the window,
+    nor feeds the rate rule, nor enters the window; PAG's 3-branch batch is never cut mid-branch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run with one thread each
+    try:
+        pipes = _pipelines()
+        reference = {name: _run(pipes[which], call)[0] for name, which, call in EXTRA_CALL_CASES}
+    finally:
+        torch.set_num_threads(threads)
+    accel.Accelerator(devices=2, accelerator="cpu", strategy="hybrid").launch(
+        _extra_calls_worker, str(tmp_path)
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name, _, call in EXTRA_CALL_CASES:
+        (images, steps), report = ranks[0][f"cfg/{name}"]
+        assert torch.equal(images, ranks[1][f"cfg/{name}"][0][0]), f"{name}: ranks disagree"
+        bound = 1e-5 + 1e-6 * reference[name].abs().max().item()
+        diff = (images - reference[name]).abs().max().item()
+        assert diff <= bound, (
+            f"{name}: strategy='cfg' differs from the unwrapped pipeline by {diff} > {bound}"
+        )
+        slg_calls = STEPS - 1 if "skip_guidance_layers" in call else 0
+        assert report.denoiser_calls == STEPS + slg_calls, (name, report.denoiser_calls)
+    for name in HYBRID_CASES:
+        for rank in ranks:
+            (images, steps), report, records = rank[f"hybrid/{name}"]
+            cfg_steps = rank[f"cfg/{name}"][0][1]
+            assert torch.equal(images, ranks[0][f"hybrid/{name}"][0][0]), f"{name}: ranks disagree"
+            if name.startswith("pag"):
+                # Run whole on every rank: exact, no window (no rank can run a part of a PAG batch alone).
+                assert report.window is None and report.steps == {"cfg": 0, "pipeline": 0}, report
+                assert torch.equal(images, rank[f"cfg/{name}"][0][0])
+                continue
+            assert report.window == WINDOW, (name, report.window)
+            pipelined = WINDOW[1] - WINDOW[0] + 1
+            assert report.steps == {"cfg": STEPS - pipelined, "pipeline": pipelined}, report.steps
+            assert [r.step for r in records] == list(range(STEPS))
+            assert [r.phase for r in records] == [
+                "pipeline" if WINDOW[0] <= s <= WINDOW[1] else "cfg" for s in range(STEPS)
+            ]
+            assert len(report.rates) == STEPS
+            for s, rate in enumerate(report.rates):
+                assert (WINDOW[0] <= s <= WINDOW[1]) == (rate != rate), (name, s, rate)  # NaN in the window
+            for s in range(WINDOW[0]):  # before the window: bit for bit the CFG split run
+                assert torch.equal(steps[s], cfg_steps[s]), f"{name}: step {s} differs from CFG split"
+            assert torch.isfinite(images).all() and not torch.equal(images, rank[f"cfg/{name}"][0][0])

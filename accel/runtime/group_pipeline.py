@@ -65,9 +65,8 @@ class GroupPipelineHook(WindowHook[StageExecutor]):
 
     # -- the hook ----------------------------------------------------------------------------------
     def _guided_call(
-        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, step: int
     ) -> Any:
-        step = self.state.calls
         phase = self._enter(step, module, args, kwargs, batch)
         if phase == "cfg":
             measured = len(self.state.rates)

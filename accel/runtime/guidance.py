@@ -97,6 +97,10 @@ def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     return None
 
 
+def _no_problem() -> str | None:
+    return None
+
+
 @dataclass
 class SplitState:
     """Per-call state of :class:`CFGSplitHook` (``reset`` at every pipeline call): what it counted."""
@@ -121,6 +125,10 @@ class CFGSplitHook(ModelHook):
         sequence_parallel: let a block of ranks that shares one part of the batch run a DiT with its image
             tokens sharded (exact). ``None``: on when the CFG groups have more than one rank (``2k > 2``);
             with 2 ranks no block ever shares a CFG branch.
+        split_problem: a callable telling why the pipeline's current batch must not be cut into rows at
+            all (``None``: it may). Perturbed-attention guidance is one: its attention processors tell its
+            three branches apart by chunking the batch inside the denoiser. Such calls run whole on every
+            rank (exact, no speed-up), with one warning naming the reason.
     """
 
     _is_stateful = True
@@ -129,11 +137,17 @@ class CFGSplitHook(ModelHook):
     state: SplitState
 
     def __init__(
-        self, comm: Communicator, owns_result: Callable[[], bool], *, sequence_parallel: bool | None = None
+        self,
+        comm: Communicator,
+        owns_result: Callable[[], bool],
+        *,
+        sequence_parallel: bool | None = None,
+        split_problem: Callable[[], str | None] | None = None,
     ) -> None:
         super().__init__()
         self.comm = comm
         self.owns_result = owns_result
+        self.split_problem = split_problem or _no_problem
         self.state = self.State()
         self._splits: dict[int, BatchSplit] = {}
         self._sequence_wanted = comm.layout.group_size > 1 if sequence_parallel is None else sequence_parallel
@@ -207,6 +221,13 @@ class CFGSplitHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return self._split_forward(args, kwargs)
 
+    def _note_once(self, message: str) -> None:
+        """Warn about ``message`` once per hook (rank 0 only: every rank decides alike)."""
+        if (0, message) not in self._noted:
+            self._noted.add((0, message))
+            if self.comm.rank == 0:
+                log.warning("%s", message)
+
     def _original_forward(self) -> Callable[..., Any]:
         forward = self.fn_ref.original_forward
         assert forward is not None, "the hook registry sets original_forward for hooks with new_forward"
@@ -224,6 +245,10 @@ class CFGSplitHook(ModelHook):
         self.state.calls += 1
         batch = _batch_of(args, kwargs)
         if batch is None:
+            return forward(*args, **kwargs)
+        problem = self.split_problem()
+        if problem is not None:
+            self._note_once(f"denoiser calls run whole on every rank (exact, no speed-up): {problem}")
             return forward(*args, **kwargs)
         split = self.split_for(batch)
         rows = split.rows_of(self.comm.rank)

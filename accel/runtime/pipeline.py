@@ -14,9 +14,10 @@ segmented forward, which equals ``model.forward`` bit for bit), so no priming fo
 
 Window guidance (``window_guidance``):
 
-- ``reference``: the published behaviour. Stage inputs carry the conditioning each rank holds (rank 0
-  unconditional, rank 1 conditional); the last stage's output is returned for both branches, so the
-  pipeline's guidance formula yields it unchanged (guidance dropped).
+- ``reference``: the published window guidance. Stage inputs carry the conditioning each rank holds
+  (rank 0 unconditional, rank 1 conditional); the last stage's output is returned for both branches, so
+  the pipeline's guidance formula yields it unchanged (guidance dropped). docs/concepts.md lists where it
+  differs from the research code (no priming step; rank 0 starts from its own unconditional activations).
 - ``cached``: both stages run the conditional branch; the last measured ``d = eps_c - eps_u`` is
   re-applied by returning ``[eps_c - d, eps_c]``, so the pipeline computes ``eps_c + (g - 1) d``.
 - ``off``: both stages run the conditional branch; ``[eps_c, eps_c]`` (no guidance).
@@ -204,9 +205,8 @@ class HybridHook(WindowHook[PairStageExecutor]):
 
     # -- the hook ----------------------------------------------------------------------------------
     def _guided_call(
-        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, step: int
     ) -> Any:
-        step = self.state.calls
         self.state.calls += 1
         split = self.split_for(batch)
         phase = self._enter(step, module, args, kwargs, batch)

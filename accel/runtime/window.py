@@ -37,10 +37,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What one rank did in one denoiser call (for tests and debugging; see ``WindowHook.recorder``).
+    """What one rank did in one step's 2-branch CFG call (for tests and debugging; see ``WindowHook.recorder``).
 
     Attributes:
-        step: denoiser call index within the pipeline call.
+        step: pipeline step index within the pipeline call.
         rank: this rank.
         phase: ``"cfg"`` (whole denoiser on this rank's share) or ``"pipeline"`` (a window step).
         units: unit indices run, in order.
@@ -96,6 +96,7 @@ class WindowOptions(TypedDict):
     runner: NotRequired[StageRunner | None]
     vae_scale_factor: NotRequired[int]
     sequence_parallel: NotRequired[bool | None]
+    split_problem: NotRequired[Callable[[], str | None] | None]
 
 
 E = TypeVar("E", bound=StageExecutor)
@@ -110,7 +111,11 @@ class WindowState(SplitState, Generic[E]):
         rates: the branch gaps measured so far (read one step late).
         schedule: the schedule resolved at the call's first step (``None``: not yet, or no window).
         decided: whether the window was decided; ``window``: its ``(start, end)`` steps, if any.
-        steps_total: the call's number of denoiser calls, when the pipeline says.
+        steps_total: the call's number of steps, when the pipeline says.
+        step: the index of the next pipeline step.
+        step_call: the batch and the keyword arguments (those not ``None``) of the call's first denoiser
+            call: a later call like it begins the next step, any other (skip-layer guidance's extra call
+            on the conditional rows) belongs to the current one.
         executor: the executor of the call's shape (``None``: no window possible).
         template: an output of the denoiser, to give window steps' predictions the same structure.
         phase, phase_start: the phase of the current step and when it began.
@@ -122,6 +127,8 @@ class WindowState(SplitState, Generic[E]):
     decided: bool = False
     window: tuple[int, int] | None = None
     steps_total: int | None = None
+    step: int = 0
+    step_call: tuple[int | None, frozenset[str]] | None = None
     executor: E | None = None
     template: Any = None
     phase: str = "cfg"
@@ -135,13 +142,17 @@ class WindowHook(CFGSplitHook, Generic[E]):
         comm: the world communicator.
         owns_result: see :class:`CFGSplitHook`.
         guided: whether the pipeline applies classifier-free guidance in this call.
-        num_steps: the number of denoiser calls of the current pipeline call (read at its first call).
+        num_steps: the number of steps of the current pipeline call (read at its first call).
         schedule: when to pipeline.
         get_plan: the plan of one branch at a call's shape (the same plan on every rank).
         runner: compiled stage callables (``backend`` other than eager): the window's segments run
             through it, under the engine keys ``accel export`` writes.
         vae_scale_factor: pixels per latent, for the engine keys' image size.
-        sequence_parallel: see :class:`CFGSplitHook`.
+        sequence_parallel, split_problem: see :class:`CFGSplitHook`.
+
+    A step of the schedule is a pipeline step, not a denoiser call: a pipeline that calls the denoiser
+    more than once per step (SD3's skip-layer guidance adds a call on the conditional rows) has its extra
+    calls run exactly (:meth:`_split_forward`), outside the schedule, the rates and the window.
 
     ``recorder``: set to a callable to receive a :class:`StepRecord` per guided denoiser call (tests).
     """
@@ -161,9 +172,10 @@ class WindowHook(CFGSplitHook, Generic[E]):
         runner: StageRunner | None = None,
         vae_scale_factor: int = 8,
         sequence_parallel: bool | None = None,
+        split_problem: Callable[[], str | None] | None = None,
     ) -> None:
         self._check_world(comm)
-        super().__init__(comm, owns_result, sequence_parallel=sequence_parallel)
+        super().__init__(comm, owns_result, sequence_parallel=sequence_parallel, split_problem=split_problem)
         self.guided = guided
         self.num_steps = num_steps
         self.schedule_settings = schedule
@@ -203,14 +215,27 @@ class WindowHook(CFGSplitHook, Generic[E]):
     # -- every guided step -------------------------------------------------------------------------
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         batch = _batch_of(args, kwargs)
-        if batch is None or batch % 2 or not self.guided():
+        if not self._starts_step(batch, kwargs):
+            return self._split_forward(args, kwargs)  # another call of the current step: exact
+        step = self.state.step
+        self.state.step += 1
+        if batch is None or batch % 2 or not self.guided() or self.split_problem() is not None:
             return self._split_forward(args, kwargs)  # not a 2-branch CFG call
-        return self._guided_call(module, args, kwargs, batch)
+        return self._guided_call(module, args, kwargs, batch, step)
+
+    def _starts_step(self, batch: int | None, kwargs: dict[str, Any]) -> bool:
+        """Whether this denoiser call begins a pipeline step (see ``WindowState.step_call``)."""
+        keys = frozenset(k for k, v in kwargs.items() if v is not None)
+        first = self.state.step_call
+        if first is None:
+            self.state.step_call = (batch, keys)
+            return True
+        return batch == first[0] and keys <= first[1]
 
     def _guided_call(
-        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, step: int
     ) -> Any:
-        """A 2-branch CFG call of ``batch`` rows (one the window may take): a CFG step or a window step."""
+        """Pipeline step ``step``'s 2-branch CFG call of ``batch`` rows: a CFG step or a window step."""
         raise NotImplementedError
 
     def _enter(
