@@ -26,7 +26,7 @@ from accel.request import (
     read_prompts,
 )
 from accel.settings import AccelSettings, check_world_size
-from accel.targets import Target
+from accel.targets import Target, model_geometry
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,16 @@ def generation_job(
     prompts = read_prompts(r.prompts, r.prompts_file)
     output = r.output or DEFAULT_OUTPUT
     check_output(output)
+    assert target.source is not None
+    geometry = model_geometry(target.source)
+    if geometry is not None:
+        geometry.check("--height", r.height)
+        geometry.check("--width", r.width)
+    if plan is not None and strategy == "hybrid" and r.precision is not None and r.precision != plan.dtype:
+        raise RequestError(
+            f"the plan {target.plan_path} was profiled in {plan.dtype}, --precision {r.precision} asks for "
+            f"another: drop --precision, or make a plan with `accel plan ... --dtype {r.precision}`."
+        )
     height, width, batch_size = r.height, r.width, r.batch_size
     if plan is not None:
         height = height or plan.resolutions[0][0]
@@ -135,7 +145,6 @@ def generation_job(
         if strategy == "hybrid":
             check_plan_shapes(plan, target.plan_path, height, width, batch_size, len(prompts))
     settings.update(devices=checked.devices, num_nodes=checked.num_nodes, accelerator=checked.accelerator)
-    assert target.source is not None
     job = GenerationJob(
         source=target.source,
         settings=settings,

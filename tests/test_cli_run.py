@@ -4,6 +4,7 @@ rank clearly, and refuses bad input before starting anything (leaving nothing be
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,9 @@ BAD_INPUT = [
     (["run", "{tmp}", "stray"], "only a script.py target takes arguments"),
     (["run", "--demo", "sdxl", "-o", "{tmp}/x.gif"], "images are written as"),
     (["run", "{script}", "--steps", "3"], "pass them after `--`"),
+    (["run", "--demo", "sdxl", "--height", "100"], "--height 100 is not a multiple of 8"),
+    (["run", "--demo", "sd3", "--width", "72"], "--width 72 is not a multiple of 16"),
+    (["run", "--demo", "sdxl", "--height", "100000"], "--height 100000 is more than this model serves"),
 ]
 
 
@@ -109,7 +113,7 @@ def test_run_refuses_bad_input(runner, tmp_path, args, message) -> None:
     args = [a.format(tmp=tmp_path, script=script) for a in args]
     output = [] if "-o" in args else ["-o", str(tmp_path / "never.png")]
     result = runner.invoke(cli.app, [*args, *output])
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output  # refused up front, before any worker starts
     assert message in " ".join(result.output.split()), result.output
     assert _files(tmp_path) == before  # nothing written, not even a folder
 
@@ -156,3 +160,48 @@ def test_run_help_names_every_launch_option(runner) -> None:
         "--engines",
     ):
         assert option in result.output
+
+
+def _model_folder(folder: Path) -> Path:
+    from accel.testing import build_pipeline
+
+    build_pipeline("sdxl").save_pretrained(folder)
+    return folder
+
+
+def test_run_refuses_broken_model_folders_and_a_plan_of_another_precision(runner, sd3_plan, tmp_path) -> None:
+    model = _model_folder(tmp_path / "model")
+    index = model / "model_index.json"
+    good = index.read_text()
+    index.write_text(good[:60])
+    out = ["--accelerator", "cpu", "-o", str(tmp_path / "x.png")]
+    corrupt = runner.invoke(cli.app, ["run", str(model), *out])
+    assert corrupt.exit_code == 2, corrupt.output
+    assert f"{index} is not valid JSON" in " ".join(corrupt.output.split())
+    index.write_text(good)
+    (model / "vae" / "config.json").rename(model / "vae" / "config.json.bak")
+    missing = runner.invoke(cli.app, ["run", str(model), *out])
+    assert missing.exit_code == 2, missing.output
+    assert f"{model / 'vae'} has no config.json" in " ".join(missing.output.split())
+    shutil.rmtree(model / "unet")
+    gone = runner.invoke(cli.app, ["run", str(model), *out])
+    assert gone.exit_code == 2 and f"component 'unet' ({model / 'unet'})" in " ".join(gone.output.split())
+
+    fp16 = runner.invoke(cli.app, ["run", str(sd3_plan), "--precision", "fp16", *out])
+    assert fp16.exit_code == 2, fp16.output
+    message = " ".join(fp16.output.split())
+    assert "profiled in fp32, --precision fp16" in message and "weights" not in message
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_plan_checks_another_precision_without_a_false_weights_complaint(sd3_plan) -> None:
+    import torch
+
+    from accel.plan import PlanError, load_plan
+    from accel.source import ModelSource
+    from accel.targets import load_denoiser
+
+    denoiser, _ = load_denoiser(ModelSource.demo("sd3"), dtype=torch.float16, device="cpu")
+    with pytest.raises(PlanError, match="profiled in fp32, this run uses fp16") as info:
+        load_plan(sd3_plan).validate_for(denoiser)
+    assert "weights" not in str(info.value)
