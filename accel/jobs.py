@@ -123,6 +123,8 @@ def generation_job(
     if plan is not None and strategy == "hybrid":
         settings["plan"] = str(target.plan_path.resolve()) if target.plan_path is not None else None
     checked = layout.checked_settings(**settings)
+    if r.engines is not None and plan is not None and not r.compile_missing:
+        check_engines(target, r.engines, backend, settings["precision"], checked.accelerator, strategy)
     spec = layout.launch_spec()
     prompts = read_prompts(r.prompts, r.prompts_file)
     output = r.output or DEFAULT_OUTPUT
@@ -184,6 +186,52 @@ def check_plan_shapes(
             f"the plan {plan_path} does not fit this run: {'; '.join(problems)}. Use the plan's sizes "
             "(--height/--width/--batch-size), --strategy cfg (no plan needed), or make a plan with "
             f"`accel plan ... --height {height} --width {width} --batch {batch_size}`."
+        )
+
+
+def check_engines(
+    target: Target, engines: Path, backend: str, precision: str | None, accelerator: str, strategy: str
+) -> None:
+    """Refuse an engine directory that cannot serve every stage this plan's run needs.
+
+    The stages and keys are the ones ``accel export`` writes (:func:`accel.compile.engines.stage_jobs`),
+    each checked by the engine store against the model (weights, shapes, graph, checksums, versions).
+    Without this the workers would compile each unservable stage in memory, for minutes, every run.
+    """
+    import torch  # deferred, with the model: only a run with --engines and a plan loads it here
+
+    from accel.compile.engines import stage_jobs
+    from accel.settings import PRECISIONS
+    from accel.targets import load_denoiser
+
+    plan = target.plan
+    assert plan is not None and target.source is not None
+    denoiser, _ = load_denoiser(
+        target.source,
+        dtype=PRECISIONS[precision or plan.dtype],
+        device="cuda" if accelerator == "cuda" else "cpu",
+    )
+    store = EngineStore(engines)
+    problems: list[str] = []
+    try:
+        with torch.no_grad():
+            for job in stage_jobs(plan, denoiser):
+                if job.phase == "window" and strategy != "hybrid":
+                    continue  # a cfg run uses the whole-denoiser stages only
+                found = store.problems(job.key, backend, job.module, job.example_inputs)
+                problems += [f"engine {job.key!r}: {p}" for p in found]
+    except EngineError as exc:
+        raise RequestError(str(exc)) from None
+    finally:
+        del denoiser
+        if accelerator == "cuda":
+            torch.cuda.empty_cache()
+    if problems:
+        raise RequestError(
+            f"--engines {engines} cannot serve this run: {'; '.join(problems)}. Re-export what does not fit "
+            f"with `accel export {target.plan_path} --backend {backend} -o {engines}` (it rewrites only those "
+            "engines), or pass --compile-missing to have every worker compile them in memory (slow: minutes "
+            "per stage on large models)."
         )
 
 

@@ -205,3 +205,62 @@ def test_a_plan_checks_another_precision_without_a_false_weights_complaint(sd3_p
     with pytest.raises(PlanError, match="profiled in fp32, this run uses fp16") as info:
         load_plan(sd3_plan).validate_for(denoiser)
     assert "weights" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def sd3_engines(sd3_plan, tmp_path_factory) -> Path:
+    """ONNX engines of every stage of ``sd3_plan`` (the denoiser only: the VAE decoder is not needed)."""
+    import torch
+
+    from accel.compile.engines import export_plan
+    from accel.plan import load_plan
+    from accel.source import ModelSource
+    from accel.targets import load_denoiser
+
+    denoiser, _ = load_denoiser(ModelSource.demo("sd3"), dtype=torch.float32, device="cpu")
+    directory = tmp_path_factory.mktemp("engines") / "engines"
+    with torch.no_grad():
+        export_plan(load_plan(sd3_plan), denoiser, "onnx", directory)
+    return directory
+
+
+def _job(plan: Path, engines: Path, tmp_path: Path, **request: object) -> object:
+    from accel.jobs import Layout, generation_job
+    from accel.request import GenerationRequest
+    from accel.targets import resolve_target
+
+    asked = GenerationRequest(engines=engines, output=tmp_path / "x.png", **request)  # type: ignore[arg-type]
+    return generation_job(
+        resolve_target(str(plan), None), asked, Layout(accelerator="cpu"), progress=False, log_level="WARNING"
+    )
+
+
+def test_run_checks_the_engine_directory_before_launching(runner, sd3_plan, sd3_engines, tmp_path) -> None:
+    job, _ = _job(sd3_plan, sd3_engines, tmp_path)  # a fitting directory passes
+    engines = tmp_path / "engines"
+    out = ["--accelerator", "cpu", "-o", str(tmp_path / "x.png")]
+    manifest = engines / "manifest.json"
+    cases = []
+    shutil.copytree(sd3_engines, engines)
+    window = sorted(p for p in engines.iterdir() if p.name.startswith("window."))[0]
+    window.write_bytes(window.read_bytes()[:10])
+    cases.append(("truncated", f"engine '{window.name.split('.onnx')[0]}'"))
+    data = json.loads(manifest.read_text())
+    cfg = data["engines"]["cfg.full.64x64.b1"]
+    cfg["inputs"][0]["shape"][-1] += 1
+    dropped = sorted(k for k in data["engines"] if k.startswith("window."))[-1]
+    del data["engines"][dropped]
+    manifest.write_text(json.dumps(data))
+    cases += [("shapes differ", "engine 'cfg.full.64x64.b1'"), (f"no engine {dropped!r}", "")]
+    result = runner.invoke(cli.app, ["run", str(sd3_plan), "--engines", str(engines), *out])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    for problem, key in cases:
+        assert problem in message and key in message, (problem, result.output)
+    assert (
+        f"accel export {sd3_plan} --backend onnx -o {engines}" in message and "--compile-missing" in message
+    )
+    # Asked for explicitly, the workers compile what the directory cannot serve.
+    job, _ = _job(sd3_plan, engines, tmp_path, compile_missing=True)
+    assert job.settings["engines"] == str(engines.resolve())
+    assert not (tmp_path / "x.png").exists()

@@ -111,7 +111,15 @@ def run(
     ),
     engines: Path = typer.Option(None, "--engines", help="An engine directory written by `accel export`."),
     strict: bool = typer.Option(
-        None, "--strict", help="Fail when a stage cannot compile instead of running it eagerly."
+        None,
+        "--strict",
+        help="Fail when a stage cannot load from --engines or compile, instead of compiling it in memory or "
+        "running it eagerly.",
+    ),
+    compile_missing: bool = typer.Option(
+        None,
+        "--compile-missing",
+        help="With --engines: compile in memory the stages the directory cannot serve (else refused).",
     ),
     timeout: float = typer.Option(
         300.0, "--timeout", min=1.0, help="Seconds any collective (and joining the group) may wait."
@@ -141,7 +149,7 @@ def run(
         _log_to(console)
     request = GenerationRequest(
         prompt, prompts_file, negative_prompt, batch_size, steps, guidance, height, width, seed, precision,
-        strategy, window_guidance, schedule, backend, engines, strict, warmup, output
+        strategy, window_guidance, schedule, backend, engines, strict, compile_missing, warmup, output
     )  # fmt: skip
     layout = Layout(devices, num_nodes, node_rank, master_addr, master_port, accelerator, timeout)
     try:
