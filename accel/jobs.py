@@ -26,7 +26,7 @@ from accel.request import (
     read_prompts,
 )
 from accel.settings import AccelSettings, check_world_size
-from accel.targets import Target
+from accel.targets import Target, model_geometry
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ def worker_settings(
     (checked here against this machine's devices), and ``layout`` with its device count decided.
 
     Only the settings part of ``request`` counts here (precision, strategy, window guidance, schedule,
-    backend, engines, strict); :class:`RequestError` if they cannot run."""
+    backend, engines, strict, compile_missing; an engine directory is checked against a plan's stages
+    here, before any worker starts); :class:`RequestError` if they cannot run."""
     r = request
     plan = target.plan
     strategy = r.strategy or ("hybrid" if plan is not None else "cfg")
@@ -127,6 +128,8 @@ def worker_settings(
     if plan is not None and strategy == "hybrid":
         settings["plan"] = str(target.plan_path.resolve()) if target.plan_path is not None else None
     checked = layout.checked_settings(**settings)
+    if r.engines is not None and plan is not None and not r.compile_missing:
+        check_engines(target, r.engines, backend, settings["precision"], checked.accelerator, strategy)
     settings.update(devices=checked.devices, num_nodes=checked.num_nodes, accelerator=checked.accelerator)
     return settings, layout
 
@@ -143,6 +146,16 @@ def generation_job(
     prompts = read_prompts(r.prompts, r.prompts_file)
     output = r.output or DEFAULT_OUTPUT
     check_output(output)
+    assert target.source is not None
+    geometry = model_geometry(target.source)
+    if geometry is not None:
+        geometry.check("--height", r.height)
+        geometry.check("--width", r.width)
+    if plan is not None and strategy == "hybrid" and r.precision is not None and r.precision != plan.dtype:
+        raise RequestError(
+            f"the plan {target.plan_path} was profiled in {plan.dtype}, --precision {r.precision} asks for "
+            f"another: drop --precision, or make a plan with `accel plan ... --dtype {r.precision}`."
+        )
     height, width, batch_size = r.height, r.width, r.batch_size
     if plan is not None:
         height = height or plan.resolutions[0][0]
@@ -150,7 +163,6 @@ def generation_job(
         batch_size = batch_size or plan.batches[0]
         if strategy == "hybrid":
             check_plan_shapes(plan, target.plan_path, height, width, batch_size, len(prompts))
-    assert target.source is not None
     job = GenerationJob(
         source=target.source,
         settings=settings,
@@ -190,6 +202,52 @@ def check_plan_shapes(
             f"the plan {plan_path} does not fit this run: {'; '.join(problems)}. Use the plan's sizes "
             "(--height/--width/--batch-size), --strategy cfg (no plan needed), or make a plan with "
             f"`accel plan ... --height {height} --width {width} --batch {batch_size}`."
+        )
+
+
+def check_engines(
+    target: Target, engines: Path, backend: str, precision: str | None, accelerator: str, strategy: str
+) -> None:
+    """Refuse an engine directory that cannot serve every stage this plan's run needs.
+
+    The stages and keys are the ones ``accel export`` writes (:func:`accel.compile.engines.stage_jobs`),
+    each checked by the engine store against the model (weights, shapes, graph, checksums, versions).
+    Without this the workers would compile each unservable stage in memory, for minutes, every run.
+    """
+    import torch  # deferred, with the model: only a run with --engines and a plan loads it here
+
+    from accel.compile.engines import stage_jobs
+    from accel.settings import PRECISIONS
+    from accel.targets import load_denoiser
+
+    plan = target.plan
+    assert plan is not None and target.source is not None
+    denoiser, _ = load_denoiser(
+        target.source,
+        dtype=PRECISIONS[precision or plan.dtype],
+        device="cuda" if accelerator == "cuda" else "cpu",
+    )
+    store = EngineStore(engines)
+    problems: list[str] = []
+    try:
+        with torch.no_grad():
+            for job in stage_jobs(plan, denoiser):
+                if job.phase == "window" and strategy != "hybrid":
+                    continue  # a cfg run uses the whole-denoiser stages only
+                found = store.problems(job.key, backend, job.module, job.example_inputs)
+                problems += [f"engine {job.key!r}: {p}" for p in found]
+    except EngineError as exc:
+        raise RequestError(str(exc)) from None
+    finally:
+        del denoiser
+        if accelerator == "cuda":
+            torch.cuda.empty_cache()
+    if problems:
+        raise RequestError(
+            f"--engines {engines} cannot serve this run: {'; '.join(problems)}. Re-export what does not fit "
+            f"with `accel export {target.plan_path} --backend {backend} -o {engines}` (it rewrites only those "
+            "engines), or pass --compile-missing to have every worker compile them in memory (slow: minutes "
+            "per stage on large models)."
         )
 
 

@@ -348,6 +348,10 @@ class Plan:
         from accel.models import UnsupportedModelError, adapt
 
         problems: list[str] = []
+        placement = parameter_placement(model)
+        # The weights fingerprint samples values, which a cast changes: in another precision the dtype
+        # problem below is the one to report, not a weights difference.
+        same_dtype = placement is None or placement[1] == PRECISIONS[self.dtype]
         if type(model).__name__ != self.model_class:
             problems.append(f"the plan is for a {self.model_class}, the model is a {type(model).__name__}")
         elif config_hash(model) != self.config_hash:
@@ -363,11 +367,10 @@ class Plan:
                         "this accel cuts the model into different units than the plan lists "
                         f"(plan made by accel {self.accel_version or 'unknown'})"
                     )
-            if check_weights and weights_fingerprint(model) != self.weights_fingerprint:
+            if check_weights and same_dtype and weights_fingerprint(model) != self.weights_fingerprint:
                 problems.append(
                     "the model's weights differ from the ones the plan was made for (weights fingerprint)"
                 )
-        placement = parameter_placement(model)
         model_dtype = placement[1] if placement is not None else None
         wanted = precision_name(dtype) if dtype is not None else None
         if wanted is None and model_dtype is not None and model_dtype in PRECISIONS.values():

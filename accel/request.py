@@ -46,6 +46,7 @@ class GenerationRequest:
     backend: str | None = None
     engines: Path | None = None
     strict: bool | None = None
+    compile_missing: bool | None = None
     warmup: int | None = None
     output: Path | None = None
 

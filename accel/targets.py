@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,37 @@ from accel.wrapper import find_denoiser
 
 #: The pipeline components that can be the denoiser, in the order they are looked for.
 DENOISERS = ("unet", "transformer")
+#: Image sides above this many times the model's native side are refused: a denoiser's attention and
+#: activations grow with the square of the pixel count, far past what a device holds at 4x.
+MAX_SIDE_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """The image sizes a model serves: sides a multiple of ``multiple`` pixels, at most ``max_side``.
+
+    ``why_max`` says what sets ``max_side`` (the model's position embedding, or memory).
+    """
+
+    multiple: int
+    native: int
+    max_side: int
+    why_max: str
+
+    def check(self, name: str, value: int | None) -> None:
+        """Refuse ``--height``/``--width`` ``value`` (``name``) that this model cannot serve."""
+        if value is None:
+            return
+        if value % self.multiple:
+            lower = value - value % self.multiple
+            raise RequestError(
+                f"{name} {value} is not a multiple of {self.multiple} (the model's latent pixel size); use "
+                f"{lower or self.multiple} or {lower + self.multiple}."
+            )
+        if value > self.max_side:
+            raise RequestError(
+                f"{name} {value} is more than this model serves: at most {self.max_side} pixels ({self.why_max})."
+            )
 
 
 @dataclass(frozen=True)
@@ -60,9 +92,71 @@ def resolve_target(target: str | None, demo: str | None) -> Target:
             return Target("script", script=path)
         if path.suffix == ".json":
             return _plan_target(path)
-        return Target("model", source=ModelSource.model(target))
+        source = ModelSource.model(target)
+        if source.kind == "folder":
+            check_model_folder(Path(source.location))
+        return Target("model", source=source)
     except (SourceError, PlanError) as exc:
         raise RequestError(str(exc)) from None
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse a pipeline folder whose ``model_index.json`` is unreadable or names a missing component."""
+    index_path = folder / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(
+            f"{index_path} is not valid JSON ({exc}): the model folder is damaged; download it again."
+        ) from None
+    if not isinstance(index, dict):
+        raise RequestError(
+            f"{index_path} is not a JSON object: the model folder is damaged; download it again."
+        )
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or None in entry:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise RequestError(
+                f"{folder}: model_index.json lists the component {name!r} ({sub}), which is missing; the "
+                "folder is incomplete: download the model again."
+            )
+        if name in (*DENOISERS, "vae") and not (sub / "config.json").is_file():
+            raise RequestError(
+                f"{sub} has no config.json; the folder is incomplete: download the model again."
+            )
+
+
+def model_geometry(source: ModelSource) -> ModelGeometry | None:
+    """The image sizes ``source``'s model serves, from its configs (``None`` for a hub id not downloaded)."""
+    if source.is_builtin:
+        from accel.testing.pipelines import pipeline_configs
+
+        configs: dict[str, Any] = dict(pipeline_configs(source.location))
+    elif source.kind == "folder":
+        folder = Path(source.location)
+        configs = {
+            name: json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
+            for name in (*DENOISERS, "vae")
+            if (folder / name / "config.json").is_file()
+        }
+    else:
+        return None
+    denoiser = next((configs[name] for name in DENOISERS if name in configs), None)
+    if denoiser is None:
+        return None
+    vae_scale = 2 ** (len(configs.get("vae", {}).get("block_out_channels", [0] * 4)) - 1)
+    patch = int(denoiser.get("patch_size") or 1)
+    sample = denoiser.get("sample_size") or 128
+    native = int(sample[0] if isinstance(sample, list | tuple) else sample) * vae_scale
+    embed = denoiser.get("pos_embed_max_size")
+    if embed:
+        max_side, why = int(embed) * patch * vae_scale, "the size of its position embedding"
+    else:
+        max_side = MAX_SIDE_FACTOR * native
+        why = f"{MAX_SIDE_FACTOR}x its native {native}: larger sizes outgrow device memory"
+    return ModelGeometry(vae_scale * patch, native, max_side, why)
 
 
 def _plan_target(path: Path) -> Target:
@@ -73,6 +167,8 @@ def _plan_target(path: Path) -> Target:
             f"the plan {path} was made for the model folder {source.location}, which is not there (no "
             "model_index.json). Move the model back, or make a new plan with `accel plan MODEL_FOLDER ...`."
         )
+    if source.kind == "folder":
+        check_model_folder(Path(source.location))
     return Target("plan", source=source, plan=plan, plan_path=path)
 
 

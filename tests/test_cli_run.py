@@ -4,6 +4,7 @@ rank clearly, and refuses bad input before starting anything (leaving nothing be
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,9 @@ BAD_INPUT = [
     (["run", "{tmp}", "stray"], "only a script.py target takes arguments"),
     (["run", "--demo", "sdxl", "-o", "{tmp}/x.gif"], "images are written as"),
     (["run", "{script}", "--steps", "3"], "pass them after `--`"),
+    (["run", "--demo", "sdxl", "--height", "100"], "--height 100 is not a multiple of 8"),
+    (["run", "--demo", "sd3", "--width", "72"], "--width 72 is not a multiple of 16"),
+    (["run", "--demo", "sdxl", "--height", "100000"], "--height 100000 is more than this model serves"),
 ]
 
 
@@ -109,7 +113,7 @@ def test_run_refuses_bad_input(runner, tmp_path, args, message) -> None:
     args = [a.format(tmp=tmp_path, script=script) for a in args]
     output = [] if "-o" in args else ["-o", str(tmp_path / "never.png")]
     result = runner.invoke(cli.app, [*args, *output])
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output  # refused up front, before any worker starts
     assert message in " ".join(result.output.split()), result.output
     assert _files(tmp_path) == before  # nothing written, not even a folder
 
@@ -156,3 +160,107 @@ def test_run_help_names_every_launch_option(runner) -> None:
         "--engines",
     ):
         assert option in result.output
+
+
+def _model_folder(folder: Path) -> Path:
+    from accel.testing import build_pipeline
+
+    build_pipeline("sdxl").save_pretrained(folder)
+    return folder
+
+
+def test_run_refuses_broken_model_folders_and_a_plan_of_another_precision(runner, sd3_plan, tmp_path) -> None:
+    model = _model_folder(tmp_path / "model")
+    index = model / "model_index.json"
+    good = index.read_text()
+    index.write_text(good[:60])
+    out = ["--accelerator", "cpu", "-o", str(tmp_path / "x.png")]
+    corrupt = runner.invoke(cli.app, ["run", str(model), *out])
+    assert corrupt.exit_code == 2, corrupt.output
+    assert f"{index} is not valid JSON" in " ".join(corrupt.output.split())
+    index.write_text(good)
+    (model / "vae" / "config.json").rename(model / "vae" / "config.json.bak")
+    missing = runner.invoke(cli.app, ["run", str(model), *out])
+    assert missing.exit_code == 2, missing.output
+    assert f"{model / 'vae'} has no config.json" in " ".join(missing.output.split())
+    shutil.rmtree(model / "unet")
+    gone = runner.invoke(cli.app, ["run", str(model), *out])
+    assert gone.exit_code == 2 and f"component 'unet' ({model / 'unet'})" in " ".join(gone.output.split())
+
+    fp16 = runner.invoke(cli.app, ["run", str(sd3_plan), "--precision", "fp16", *out])
+    assert fp16.exit_code == 2, fp16.output
+    message = " ".join(fp16.output.split())
+    assert "profiled in fp32, --precision fp16" in message and "weights" not in message
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_plan_checks_another_precision_without_a_false_weights_complaint(sd3_plan) -> None:
+    import torch
+
+    from accel.plan import PlanError, load_plan
+    from accel.source import ModelSource
+    from accel.targets import load_denoiser
+
+    denoiser, _ = load_denoiser(ModelSource.demo("sd3"), dtype=torch.float16, device="cpu")
+    with pytest.raises(PlanError, match="profiled in fp32, this run uses fp16") as info:
+        load_plan(sd3_plan).validate_for(denoiser)
+    assert "weights" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def sd3_engines(sd3_plan, tmp_path_factory) -> Path:
+    """ONNX engines of every stage of ``sd3_plan`` (the denoiser only: the VAE decoder is not needed)."""
+    import torch
+
+    from accel.compile.engines import export_plan
+    from accel.plan import load_plan
+    from accel.source import ModelSource
+    from accel.targets import load_denoiser
+
+    denoiser, _ = load_denoiser(ModelSource.demo("sd3"), dtype=torch.float32, device="cpu")
+    directory = tmp_path_factory.mktemp("engines") / "engines"
+    with torch.no_grad():
+        export_plan(load_plan(sd3_plan), denoiser, "onnx", directory)
+    return directory
+
+
+def _job(plan: Path, engines: Path, tmp_path: Path, **request: object) -> object:
+    from accel.jobs import Layout, generation_job
+    from accel.request import GenerationRequest
+    from accel.targets import resolve_target
+
+    asked = GenerationRequest(engines=engines, output=tmp_path / "x.png", **request)  # type: ignore[arg-type]
+    return generation_job(
+        resolve_target(str(plan), None), asked, Layout(accelerator="cpu"), progress=False, log_level="WARNING"
+    )
+
+
+def test_run_checks_the_engine_directory_before_launching(runner, sd3_plan, sd3_engines, tmp_path) -> None:
+    job, _ = _job(sd3_plan, sd3_engines, tmp_path)  # a fitting directory passes
+    engines = tmp_path / "engines"
+    out = ["--accelerator", "cpu", "-o", str(tmp_path / "x.png")]
+    manifest = engines / "manifest.json"
+    cases = []
+    shutil.copytree(sd3_engines, engines)
+    window = sorted(p for p in engines.iterdir() if p.name.startswith("window."))[0]
+    window.write_bytes(window.read_bytes()[:10])
+    cases.append(("truncated", f"engine '{window.name.split('.onnx')[0]}'"))
+    data = json.loads(manifest.read_text())
+    cfg = data["engines"]["cfg.full.64x64.b1"]
+    cfg["inputs"][0]["shape"][-1] += 1
+    dropped = sorted(k for k in data["engines"] if k.startswith("window."))[-1]
+    del data["engines"][dropped]
+    manifest.write_text(json.dumps(data))
+    cases += [("shapes differ", "engine 'cfg.full.64x64.b1'"), (f"no engine {dropped!r}", "")]
+    result = runner.invoke(cli.app, ["run", str(sd3_plan), "--engines", str(engines), *out])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    for problem, key in cases:
+        assert problem in message and key in message, (problem, result.output)
+    assert (
+        f"accel export {sd3_plan} --backend onnx -o {engines}" in message and "--compile-missing" in message
+    )
+    # Asked for explicitly, the workers compile what the directory cannot serve.
+    job, _ = _job(sd3_plan, engines, tmp_path, compile_missing=True)
+    assert job.settings["engines"] == str(engines.resolve())
+    assert not (tmp_path / "x.png").exists()

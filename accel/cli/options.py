@@ -41,5 +41,13 @@ SCHEDULE = typer.Option(
 BACKEND = typer.Option(None, "--backend", help=f"{choices(Backend)} (default: the engines', else eager).")
 ENGINES = typer.Option(None, "--engines", help="An engine directory written by `accel export`.")
 STRICT = typer.Option(
-    None, "--strict", help="Fail when a stage cannot compile instead of running it eagerly."
+    None,
+    "--strict",
+    help="Fail when a stage cannot load from --engines or compile, instead of compiling it in memory or "
+    "running it eagerly.",
+)
+COMPILE_MISSING = typer.Option(
+    None,
+    "--compile-missing",
+    help="With --engines: compile in memory the stages the directory cannot serve (else refused).",
 )

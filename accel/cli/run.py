@@ -78,6 +78,7 @@ def run(
     backend: str = options.BACKEND,
     engines: Path = options.ENGINES,
     strict: bool = options.STRICT,
+    compile_missing: bool = options.COMPILE_MISSING,
     timeout: float = typer.Option(
         300.0, "--timeout", min=1.0, help="Seconds any collective (and joining the group) may wait."
     ),
@@ -106,7 +107,7 @@ def run(
         log_to(console)
     request = GenerationRequest(
         prompt, prompts_file, negative_prompt, batch_size, steps, guidance, height, width, seed, precision,
-        strategy, window_guidance, schedule, backend, engines, strict, warmup, output
+        strategy, window_guidance, schedule, backend, engines, strict, compile_missing, warmup, output
     )  # fmt: skip
     layout = Layout(devices, num_nodes, node_rank, master_addr, master_port, accelerator, timeout)
     try:

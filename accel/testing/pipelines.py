@@ -607,6 +607,18 @@ PIPELINE_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 """Names accepted by :func:`build_pipeline`: tiny "sdxl"/"sd3", full-size "sdxl-base-1.0"/"sd3-medium"."""
 
 
+def pipeline_configs(spec: str) -> ComponentConfigs:
+    """The component configs :func:`build_pipeline` builds ``spec`` from (no weights are made)."""
+    tiny = {"sdxl": _tiny_sdxl_configs, "sd3": _tiny_sd3_configs}
+    if spec in tiny:
+        return tiny[spec]()
+    full = {"sdxl-base-1.0": "sdxl", "sd3-medium": "sd3"}
+    if spec not in full:
+        valid = ", ".join(repr(name) for name in PIPELINE_NAMES)
+        raise ValueError(f"unknown pipeline {spec!r}; valid names: {valid}")
+    return full_size_config(full[spec])
+
+
 def build_pipeline(spec: str, **kw: Any) -> StableDiffusionXLPipeline | StableDiffusion3Pipeline:
     """Build a pipeline by name: "sdxl" / "sd3" (tiny, CPU) or "sdxl-base-1.0" / "sd3-medium" (full size).
 
