@@ -71,6 +71,7 @@ def serve(
     backend: str = options.BACKEND,
     engines: Path = options.ENGINES,
     strict: bool = options.STRICT,
+    compile_missing: bool = options.COMPILE_MISSING,
     timeout: float = typer.Option(
         300.0,
         "--timeout",
@@ -97,6 +98,7 @@ def serve(
         backend=backend,
         engines=engines,
         strict=strict,
+        compile_missing=compile_missing,
     )
     server = dict(
         host=host,
