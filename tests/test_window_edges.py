@@ -38,13 +38,19 @@ def _sd3_call(pipe: Any, *, steps: int, **call: Any) -> torch.Tensor:
 def _lora_worker(acc: accel.Accelerator, out_dir: str) -> None:
     pipe = build_pipeline("sd3")
     results: dict[str, Any] = {}
+    plan: str | None = None  # the second run uses the first one's plan: the same stage cut
     for name, runner in (("eager", None), ("compiled", StageRunner("eager"))):
-        wrapped = accel.wrap(pipe, accelerator=acc, schedule=(2, 3), window_guidance="cached")
+        wrapped = accel.wrap(pipe, accelerator=acc, schedule=(2, 3), window_guidance="cached", plan=plan)
         wrapped.runtime.runner = runner  # the window's segments run as (eager-backend) stage callables
         results[name] = [
             _sd3_call(wrapped, steps=5, joint_attention_kwargs={"scale": scale}) for scale in (1.0, 0.5)
         ]
         results[f"{name}-windows"] = wrapped.last_report.window
+        if plan is None:
+            plan = f"{out_dir}/plan.json"
+            if acc.rank == 0:
+                wrapped.runtime.plan.save(plan)
+            acc.barrier()
         accel.unwrap(wrapped)
     torch.save(results, f"{out_dir}/rank{acc.rank}.pt")
 
