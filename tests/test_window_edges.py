@@ -11,7 +11,11 @@ import torch
 import accel
 from accel.compile.runner import StageRunner
 from accel.models import InputShape, adapt
-from accel.runtime.stages import call_key, compile_segments, run_segment
+from accel.plan import Plan
+from accel.runtime.guidance import slice_batch
+from accel.runtime.schedule import window_for
+from accel.runtime.stages import call_key, compile_segments, first_tensor, run_segment, run_stage
+from accel.settings import ScheduleSettings
 from accel.testing import build_pipeline
 
 HEIGHT = WIDTH = 64
@@ -34,13 +38,19 @@ def _sd3_call(pipe: Any, *, steps: int, **call: Any) -> torch.Tensor:
 def _lora_worker(acc: accel.Accelerator, out_dir: str) -> None:
     pipe = build_pipeline("sd3")
     results: dict[str, Any] = {}
+    plan: str | None = None  # the second run uses the first one's plan: the same stage cut
     for name, runner in (("eager", None), ("compiled", StageRunner("eager"))):
-        wrapped = accel.wrap(pipe, accelerator=acc, schedule=(2, 3), window_guidance="cached")
+        wrapped = accel.wrap(pipe, accelerator=acc, schedule=(2, 3), window_guidance="cached", plan=plan)
         wrapped.runtime.runner = runner  # the window's segments run as (eager-backend) stage callables
         results[name] = [
             _sd3_call(wrapped, steps=5, joint_attention_kwargs={"scale": scale}) for scale in (1.0, 0.5)
         ]
         results[f"{name}-windows"] = wrapped.last_report.window
+        if plan is None:
+            plan = f"{out_dir}/plan.json"
+            if acc.rank == 0:
+                wrapped.runtime.plan.save(plan)
+            acc.barrier()
         accel.unwrap(wrapped)
     torch.save(results, f"{out_dir}/rank{acc.rank}.pt")
 
@@ -193,3 +203,95 @@ def test_extra_denoiser_calls_and_three_branch_batches(tmp_path) -> None:
             for s in range(WINDOW[0]):  # before the window: bit for bit the CFG split run
                 assert torch.equal(steps[s], cfg_steps[s]), f"{name}: step {s} differs from CFG split"
             assert torch.isfinite(images).all() and not torch.equal(images, rank[f"cfg/{name}"][0][0])
+
+
+# -- window steps against an oracle of exactly one-step-stale activations ------------------------------------
+def _clone(tree: Any) -> Any:
+    from accel.tree import map_tree
+
+    return map_tree(tree, lambda _path, leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf)
+
+
+def _oracle_worker(acc: accel.Accelerator, out_dir: str) -> None:
+    pipe = build_pipeline("sdxl")
+    calls: list[Any] = []
+
+    def record(_module, args, kwargs, output):
+        calls.append((_clone(args), _clone(kwargs), first_tensor(output).clone()))
+
+    handle = pipe.unet.register_forward_hook(record, with_kwargs=True)
+    wrapped = accel.wrap(pipe, accelerator=acc, schedule=WINDOW, window_guidance="off")
+    _run(wrapped, dict(prompt=ONE))
+    results: dict[str, Any] = {"calls": calls, "plan": wrapped.runtime.plan.to_dict()}
+    results["report"] = wrapped.last_report
+    accel.unwrap(wrapped)
+    handle.remove()
+    # The default adaptive rule at 16 steps: its constants scaled to the step count.
+    wrapped = accel.wrap(pipe, accelerator=acc)
+    pipe_call = dict(prompt=ONE, num_inference_steps=16, guidance_scale=5.0, height=HEIGHT, width=WIDTH)
+    wrapped(**pipe_call, output_type="latent", generator=torch.Generator("cpu").manual_seed(3))
+    results["adaptive16"] = wrapped.last_report
+    accel.unwrap(wrapped)
+    torch.save(results, f"{out_dir}/rank{acc.rank}.pt")
+
+
+def _exact_boundary(adapter: Any, edges: list[Any], owner: list[int], args: Any, kwargs: Any) -> dict:
+    """Every tensor that crosses a stage boundary in an exact forward, by ``(name, producer)``."""
+    state = adapter.prepare(*args, **kwargs)
+    found = {}
+    cuts = [0] + [u for u in range(1, len(owner)) if owner[u] != owner[u - 1]] + [len(owner)]
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
+        state = adapter.run(state, lo, hi)
+        named = adapter.state_tensors(state, hi)
+        for e in edges:
+            if lo <= e.producer < hi and owner[e.consumer] != owner[e.producer]:
+                found[(e.name, e.producer)] = named[e.name]
+    return found
+
+
+def test_window_steps_equal_an_oracle_of_one_step_stale_activations(tmp_path) -> None:
+    """Each window step's prediction is what the two stages compute on this step's inputs and the
+    boundary tensors the other stage produced exactly one step earlier (the first window step: those of
+    the last CFG step). Reading a wrong receive slot (fresh, two steps old, or never written) fails it."""
+    accel.Accelerator(devices=2, accelerator="cpu", strategy="hybrid").launch(_oracle_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    plan = Plan.from_dict(ranks[0]["plan"])
+    stages = [sorted(tuple(seg) for seg in stage.segments) for stage in plan.stages]
+    owner = plan.stage_of_units()
+    calls = ranks[0]["calls"]
+    assert len(calls) == STEPS and ranks[0]["report"].window == WINDOW
+    model = build_pipeline("sdxl").unet
+    adapter = adapt(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            cond = [(slice_batch(a, 2, slice(1, 2)), slice_batch(k, 2, slice(1, 2))) for a, k, _ in calls]
+            edges = adapter.trace(*cond[0][0], **cond[0][1])
+            stale = _exact_boundary(adapter, edges, owner, *cond[WINDOW[0] - 1])
+            for step in range(WINDOW[0], WINDOW[1] + 1):
+                fresh: dict[Any, torch.Tensor] = {}
+                for k, segments in enumerate(stages):
+                    initial = adapter.prepare(*cond[step][0], **cond[step][1])
+                    state, produced, _ = run_stage(adapter, segments, edges, owner, initial, stale)
+                    fresh.update(produced)
+                    if k == owner[-1]:
+                        oracle = first_tensor(adapter.finish(state))
+                exact = first_tensor(model(*cond[step][0], **cond[step][1]))
+                for rank in ranks:
+                    got = rank["calls"][step][2]
+                    assert torch.equal(got[:1], got[1:]), (
+                        "window_guidance='off' returns eps_c for both branches"
+                    )
+                    err = (got[1:] - oracle).abs().max().item()
+                    assert err <= 1e-5 * oracle.abs().max().item(), (step, rank is ranks[1], err)
+                # The oracle is not the exact prediction: staleness shows (so the check can fail).
+                assert (exact - oracle).abs().max().item() > 1e-3 * oracle.abs().max().item(), step
+                stale = fresh
+    finally:
+        torch.set_num_threads(threads)
+    # The default rule at 16 steps decides with its constants scaled to 16 steps.
+    report = ranks[0]["adaptive16"]
+    resolved = ScheduleSettings().resolve("unet", 16)
+    assert report.window == window_for(resolved, list(report.rates)[: (report.tau1 or 16) + 1], 16)
+    assert report.window is None or report.window[1] <= 14, report.window

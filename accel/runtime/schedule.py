@@ -2,7 +2,8 @@
 
 Per CFG step ``i`` the runtime measures the relative gap between the guidance branches,
 ``r_i = mean|eps_c - eps_u| / (mean|eps_u| + 1e-12)``, from the gathered prediction (identical on every
-rank, so the decision needs no extra collective). The published rule (docs/concepts.md, section 3):
+rank, so the decision needs no extra collective). The rate stays on the device; the rule reads it at the
+next step, which costs one host wait per step while the rule is undecided (see :class:`LaggedRates`). The published rule (docs/concepts.md, section 3):
 
 - once ``i >= L``: ``slope_i = (r[i-L+1] - r[i]) / L``;
 - ``tau1`` = the first ``i`` with ``0 <= slope_i < eps``; if none qualified by ``i = tau_cap - 1``,
@@ -100,10 +101,15 @@ def relative_gap(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
 
 
 class LaggedRates:
-    """Rates kept on the device; read on the host one step later through a non-blocking copy.
+    """Rates kept on the device, copied to the host without blocking; read there one step later.
 
-    ``push`` is called in the step that computes a rate; ``value(i)`` in a later step (on CUDA it waits only
-    for the event recorded after rate ``i``'s copy, which the device has long passed by then).
+    ``push`` is called in the step that computes a rate; ``value(i)`` in a later step. On CUDA it waits for
+    the event recorded after rate ``i``'s copy. The adaptive rule reads rate ``i - 1`` at the start of step
+    ``i`` (the window may start at step ``i``), when the device may still be finishing step ``i - 1``: so
+    while the rule is undecided and can fire (steps ``L + 1 .. tau_cap``, at most ``tau_cap - L`` steps:
+    3 with the SDXL defaults, 5 with SD3's, at 50 steps) each step waits once for the previous step's
+    prediction, and the host's lead over the device is lost there. No other step reads a rate. Deciding
+    on rates two steps old would remove the wait, but start the window one step later than the rule.
     """
 
     def __init__(self) -> None:
