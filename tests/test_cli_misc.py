@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from accel.cli import app as cli
-from accel.compile.store import EngineStore
+from accel.compile.store import EngineStore, record_digest
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,8 @@ def test_inspect_engine_directory_checks_every_file(runner, tmp_path) -> None:
     assert problems["cfg.full.8x8.b1"] == ["edited after export (sha256 mismatch)"]
     assert problems["window.s0.u0-2.8x8.b1"][0].startswith("truncated (5 of")
     shown = runner.invoke(cli.app, ["inspect", str(engines)], env={"COLUMNS": "160"})
-    assert shown.exit_code == 1 and "--rebuild" in " ".join(shown.output.split())
+    # The advice re-exports the broken engines only (accel export rewrites what does not fit).
+    assert shown.exit_code == 1 and "accel export PLAN --backend eager -o" in " ".join(shown.output.split())
 
     manifest = engines / "manifest.json"
     manifest.write_text(manifest.read_text()[:40])
@@ -98,6 +99,7 @@ def test_inspect_notes_engines_built_elsewhere(runner, tmp_path) -> None:
     entry = manifest["engines"]["cfg.full.8x8.b1"]
     entry.update(device_type="cuda", compute_capability="sm_90")
     entry["versions"]["torch"] = "2.11.0+cu130"
+    entry["extra"]["digest"] = record_digest(entry)  # as an export on that machine would have written it
     store.manifest_path.write_text(json.dumps(manifest))
     result = runner.invoke(cli.app, ["inspect", str(store.directory), "--json"])
     assert result.exit_code == 0  # the files are intact; they just do not fit this machine
@@ -150,3 +152,38 @@ def test_plan_and_export_refuse_an_unwritable_output_and_bad_input(runner, tmp_p
         )
         assert trt.exit_code == 2 and "accel[tensorrt]" in trt.output, trt.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "corrupt.json", "p.json"]
+
+
+def test_inspect_finds_edited_manifests_and_interrupted_exports(runner, tmp_path) -> None:
+    engines = tmp_path / "engines"
+    store = EngineStore(engines)
+    module = torch.nn.Linear(4, 4)
+    # An export that planned three engines and was interrupted after two.
+    store.expect(["cfg.full.8x8.b1", "window.s0.u0-2.8x8.b1", "window.s1.u2-4.8x8.b1"])
+    store.export("cfg.full.8x8.b1", "onnx", module, [torch.randn(1, 4)])
+    store.export("window.s0.u0-2.8x8.b1", "onnx", module, [torch.randn(2, 4)])
+    assert sorted(p.name for p in engines.iterdir()) == [
+        "cfg.full.8x8.b1.onnx",  # one suffix, not .onnx.onnx
+        "manifest.json",  # and no empty .lock left behind
+        "window.s0.u0-2.8x8.b1.onnx",
+    ]
+    incomplete = runner.invoke(cli.app, ["inspect", str(engines), "--json"])
+    assert incomplete.exit_code == 1
+    info = json.loads(incomplete.stdout)
+    assert not info["valid"] and info["missing"] == ["window.s1.u2-4.8x8.b1"]
+    shown = runner.invoke(cli.app, ["inspect", str(engines)], env={"COLUMNS": "200"})
+    text = " ".join(shown.output.split())
+    assert "incomplete: 1 of 3 engine(s) missing: window.s1.u2-4.8x8.b1" in text, shown.output
+    assert "valid: " not in text.replace("invalid: ", "")
+
+    manifest = json.loads(store.manifest_path.read_text())
+    manifest["engines"]["cfg.full.8x8.b1"]["inputs"][0]["shape"] = [1, 5]
+    store.manifest_path.write_text(json.dumps(manifest))
+    edited = runner.invoke(cli.app, ["inspect", str(engines), "--json"])
+    problems = {e["key"]: e["problems"] for e in json.loads(edited.stdout)["engines"]}
+    assert problems["cfg.full.8x8.b1"] == ["manifest entry edited after export (its digest does not match)"]
+    assert problems["window.s0.u0-2.8x8.b1"] == []
+    shown = runner.invoke(cli.app, ["inspect", str(engines)], env={"COLUMNS": "200"})
+    text = " ".join(shown.output.split())
+    assert shown.exit_code == 1 and "accel export PLAN --backend onnx -o" in text, shown.output
+    assert "--rebuild" not in text  # re-exporting rewrites only what is broken or missing

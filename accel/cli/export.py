@@ -71,12 +71,15 @@ def export(
     columns: tuple[Any, ...] = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         tasks: dict[str, Any] = {}
+        kept: list[str] = []
 
         def on_stage(job: StageJob, event: str) -> None:
             if event == "start":
                 tasks[job.key] = progress.add_task(f"{backend} {job.key}", total=1)
             else:
                 progress.update(tasks[job.key], completed=1)
+                if event == "kept":
+                    kept.append(job.key)
 
         try:
             with torch.no_grad():
@@ -86,4 +89,8 @@ def export(
         except (EngineError, BackendError, ValueError) as exc:
             fail(console, str(exc), code=1)
     total = sum(r.size for r in records)
-    console.print(f"wrote {len(records)} engine(s), {total / 1e6:.1f} MB, to {output} (manifest.json)")
+    console.print(
+        f"wrote {len(records) - len(kept)} engine(s), kept {len(kept)} that fit ({total / 1e6:.1f} MB in all) "
+        f"in {output} (manifest.json)",
+        highlight=False,
+    )
