@@ -30,6 +30,13 @@ def test_doctor_reports_versions_devices_backends_and_a_verdict(runner) -> None:
         # Every unusable backend says why and what to install.
         assert "torch-tensorrt" in report["backends"]["tensorrt"]["reason"]
         assert report["verdict"].startswith("CPU only")
+        # What this machine can do: no inductor on a CPU (its engines compile again at first use).
+        advice = next(fix for fix in report["fixes"] if "compile backends usable here" in fix)
+        assert (
+            "--backend eager" in advice
+            and "inductor (" not in advice
+            and "try --backend inductor" not in advice
+        )
     assert report["ready"] and any("compile backends usable here" in fix for fix in report["fixes"])
     shown = runner.invoke(cli.app, ["doctor"], env={"COLUMNS": "120"})
     assert shown.exit_code == 0 and "verdict" in shown.output and "accel[tensorrt]" in shown.output
