@@ -116,6 +116,12 @@ def generation_job(
     if r.window_guidance is not None:
         settings["window_guidance"] = r.window_guidance
     schedule: Any = parse_schedule(r.schedule)
+    steps = r.steps or 20
+    if isinstance(schedule, tuple) and schedule[1] >= steps:
+        raise RequestError(
+            f"--schedule {r.schedule} ends after the last step ({steps - 1}) of a {steps}-step run (steps count "
+            f"from 0), so part of the window would never run; use a window within 0-{steps - 1}."
+        )
     if schedule is None and plan is not None and plan.schedule:
         schedule = plan.schedule
     if schedule is not None:
@@ -153,7 +159,7 @@ def generation_job(
         prompts=prompts,
         negative_prompt=r.negative_prompt,
         batch_size=batch_size or 4,
-        steps=r.steps or 20,
+        steps=steps,
         guidance=5.0 if r.guidance is None else r.guidance,
         height=height,
         width=width,

@@ -194,3 +194,13 @@ def test_inspect_finds_edited_manifests_and_interrupted_exports(runner, tmp_path
     text = " ".join(shown.output.split())
     assert shown.exit_code == 1 and "accel export PLAN --backend onnx -o" in text, shown.output
     assert "--rebuild" not in text  # re-exporting rewrites only what is broken or missing
+
+
+def test_plan_says_how_many_processes_it_runs_on(runner, tmp_path) -> None:
+    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--devices", "3", "--warmup", "0"]
+    made = runner.invoke(
+        cli.app, [*args, "--repeat", "1", "-o", str(tmp_path / "p.json")], env={"COLUMNS": "200"}
+    )
+    assert made.exit_code == 0, made.output
+    message = " ".join(made.output.split())
+    assert f"accel run {tmp_path / 'p.json'} runs it on 6 process(es) (--devices 6)" in message, made.output

@@ -49,6 +49,7 @@ def plan(
     # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
     import torch
 
+    from accel.jobs import plan_worlds
     from accel.models import UnsupportedModelError
     from accel.partition import PartitionError
     from accel.plan import PlanError, build_plan
@@ -101,7 +102,14 @@ def plan(
     except (UnsupportedModelError, PartitionError, PlanError, ValueError) as exc:
         fail(Console(stderr=True), str(exc), code=1)
     written = result.save(output)
+    worlds = " or ".join(str(w) for w in plan_worlds(result.devices))
+    where = (
+        f"accel run {written} runs it on {worlds} process(es) (--devices {plan_worlds(result.devices)[0]})"
+        + ("" if result.devices <= 2 else f": each guidance branch pipelines over {result.devices} devices")
+    )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
+        Console(stderr=True).print(where, highlight=False)
         return
     console.print(plan_table(result, written))
+    console.print(where, highlight=False)
