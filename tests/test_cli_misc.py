@@ -204,3 +204,33 @@ def test_plan_says_how_many_processes_it_runs_on(runner, tmp_path) -> None:
     assert made.exit_code == 0, made.output
     message = " ".join(made.output.split())
     assert f"accel run {tmp_path / 'p.json'} runs it on 6 process(es) (--devices 6)" in message, made.output
+
+
+def test_third_party_messages_a_user_cannot_act_on_are_silenced() -> None:
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch{quiet}\n"
+        "from accel.testing import build_pipeline\n"
+        "build_pipeline('sdxl').unet.to(torch.float16)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for key in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "PYTHONWARNINGS"):
+        env.pop(key, None)
+
+    def stderr(quiet: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code.format(quiet=quiet)], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    if importlib.util.find_spec("torchvision") is None:
+        assert "requires torchvision" in stderr("")  # what the command line silences
+    quiet = stderr("; from accel.quiet import quiet_third_party; quiet_third_party()")
+    assert "requires torchvision" not in quiet and "kept in float32" not in quiet, quiet
+    assert "FutureWarning" not in quiet, quiet

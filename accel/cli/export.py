@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from accel.cli.common import DEVICE_KINDS, check_device, check_writable, choices, fail
+from accel.quiet import quiet_third_party
 from accel.settings import PRECISIONS, Backend
 from accel.source import ModelSource
 
@@ -35,6 +36,7 @@ def export(
     ),
 ) -> None:
     """Compile each stage of each phase of the plan and save it as an engine file in an engine directory."""
+    quiet_third_party()  # before the deferred imports below
     # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
     import torch
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from accel.cli.common import DEVICE_KINDS, check_device, check_writable, choices, fail, plan_table
+from accel.quiet import quiet_third_party
 from accel.settings import PRECISIONS, Precision
 from accel.source import ARCHS, DEMOS, ModelSource, SourceError
 
@@ -46,6 +47,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
 ) -> None:
     """Profile the denoiser, cut it into stages of equal cost and write a plan file."""
+    quiet_third_party()  # before the deferred imports below
     # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
     import torch
 

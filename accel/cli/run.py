@@ -15,6 +15,7 @@ from rich.table import Table
 from accel.cli.common import choices, fail
 from accel.errors import AccelError
 from accel.launch import LaunchError, launch_function, launch_script
+from accel.quiet import quiet_third_party
 from accel.request import DEFAULT_PROMPT, SCHEDULE_NAMES, GenerationRequest, RequestError
 from accel.settings import AcceleratorKind, Backend, Precision, Strategy, WindowGuidance
 from accel.source import DEMOS
@@ -147,6 +148,8 @@ def run(
     console = Console(stderr=True, soft_wrap=True)
     if verbose:
         _log_to(console)
+    else:
+        quiet_third_party()
     request = GenerationRequest(
         prompt, prompts_file, negative_prompt, batch_size, steps, guidance, height, width, seed, precision,
         strategy, window_guidance, schedule, backend, engines, strict, compile_missing, warmup, output
