@@ -142,6 +142,13 @@ def generation_job(
     plan = target.plan
     settings, layout = worker_settings(target, request, layout)
     strategy = settings["strategy"]
+    steps = r.steps or 20
+    window = parse_schedule(r.schedule)
+    if isinstance(window, tuple) and window[1] >= steps:
+        raise RequestError(
+            f"--schedule {r.schedule} ends after the last step ({steps - 1}) of a {steps}-step run (steps count "
+            f"from 0), so part of the window would never run; use a window within 0-{steps - 1}."
+        )
     spec = layout.launch_spec()
     prompts = read_prompts(r.prompts, r.prompts_file)
     output = r.output or DEFAULT_OUTPUT
@@ -169,7 +176,7 @@ def generation_job(
         prompts=prompts,
         negative_prompt=r.negative_prompt,
         batch_size=batch_size or 4,
-        steps=r.steps or 20,
+        steps=steps,
         guidance=5.0 if r.guidance is None else r.guidance,
         height=height,
         width=width,

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from accel.cli import app as cli
-from accel.compile.store import EngineStore
+from accel.compile.store import EngineStore, record_digest
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,13 @@ def test_doctor_reports_versions_devices_backends_and_a_verdict(runner) -> None:
         # Every unusable backend says why and what to install.
         assert "torch-tensorrt" in report["backends"]["tensorrt"]["reason"]
         assert report["verdict"].startswith("CPU only")
+        # What this machine can do: no inductor on a CPU (its engines compile again at first use).
+        advice = next(fix for fix in report["fixes"] if "compile backends usable here" in fix)
+        assert (
+            "--backend eager" in advice
+            and "inductor (" not in advice
+            and "try --backend inductor" not in advice
+        )
     assert report["ready"] and any("compile backends usable here" in fix for fix in report["fixes"])
     shown = runner.invoke(cli.app, ["doctor"], env={"COLUMNS": "120"})
     assert shown.exit_code == 0 and "verdict" in shown.output and "accel[tensorrt]" in shown.output
@@ -82,7 +89,8 @@ def test_inspect_engine_directory_checks_every_file(runner, tmp_path) -> None:
     assert problems["cfg.full.8x8.b1"] == ["edited after export (sha256 mismatch)"]
     assert problems["window.s0.u0-2.8x8.b1"][0].startswith("truncated (5 of")
     shown = runner.invoke(cli.app, ["inspect", str(engines)], env={"COLUMNS": "160"})
-    assert shown.exit_code == 1 and "--rebuild" in " ".join(shown.output.split())
+    # The advice re-exports the broken engines only (accel export rewrites what does not fit).
+    assert shown.exit_code == 1 and "accel export PLAN --backend eager -o" in " ".join(shown.output.split())
 
     manifest = engines / "manifest.json"
     manifest.write_text(manifest.read_text()[:40])
@@ -98,6 +106,7 @@ def test_inspect_notes_engines_built_elsewhere(runner, tmp_path) -> None:
     entry = manifest["engines"]["cfg.full.8x8.b1"]
     entry.update(device_type="cuda", compute_capability="sm_90")
     entry["versions"]["torch"] = "2.11.0+cu130"
+    entry["extra"]["digest"] = record_digest(entry)  # as an export on that machine would have written it
     store.manifest_path.write_text(json.dumps(manifest))
     result = runner.invoke(cli.app, ["inspect", str(store.directory), "--json"])
     assert result.exit_code == 0  # the files are intact; they just do not fit this machine
@@ -187,3 +196,78 @@ def test_plan_and_export_refuse_an_unwritable_output_and_bad_input(runner, tmp_p
         )
         assert trt.exit_code == 2 and "accel[tensorrt]" in trt.output, trt.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "corrupt.json", "p.json"]
+
+
+def test_inspect_finds_edited_manifests_and_interrupted_exports(runner, tmp_path) -> None:
+    engines = tmp_path / "engines"
+    store = EngineStore(engines)
+    module = torch.nn.Linear(4, 4)
+    # An export that planned three engines and was interrupted after two.
+    store.expect(["cfg.full.8x8.b1", "window.s0.u0-2.8x8.b1", "window.s1.u2-4.8x8.b1"])
+    store.export("cfg.full.8x8.b1", "onnx", module, [torch.randn(1, 4)])
+    store.export("window.s0.u0-2.8x8.b1", "onnx", module, [torch.randn(2, 4)])
+    assert sorted(p.name for p in engines.iterdir()) == [
+        "cfg.full.8x8.b1.onnx",  # one suffix, not .onnx.onnx
+        "manifest.json",  # and no empty .lock left behind
+        "window.s0.u0-2.8x8.b1.onnx",
+    ]
+    incomplete = runner.invoke(cli.app, ["inspect", str(engines), "--json"])
+    assert incomplete.exit_code == 1
+    info = json.loads(incomplete.stdout)
+    assert not info["valid"] and info["missing"] == ["window.s1.u2-4.8x8.b1"]
+    shown = runner.invoke(cli.app, ["inspect", str(engines)], env={"COLUMNS": "200"})
+    text = " ".join(shown.output.split())
+    assert "incomplete: 1 of 3 engine(s) missing: window.s1.u2-4.8x8.b1" in text, shown.output
+    assert "valid: " not in text.replace("invalid: ", "")
+
+    manifest = json.loads(store.manifest_path.read_text())
+    manifest["engines"]["cfg.full.8x8.b1"]["inputs"][0]["shape"] = [1, 5]
+    store.manifest_path.write_text(json.dumps(manifest))
+    edited = runner.invoke(cli.app, ["inspect", str(engines), "--json"])
+    problems = {e["key"]: e["problems"] for e in json.loads(edited.stdout)["engines"]}
+    assert problems["cfg.full.8x8.b1"] == ["manifest entry edited after export (its digest does not match)"]
+    assert problems["window.s0.u0-2.8x8.b1"] == []
+    shown = runner.invoke(cli.app, ["inspect", str(engines)], env={"COLUMNS": "200"})
+    text = " ".join(shown.output.split())
+    assert shown.exit_code == 1 and "accel export PLAN --backend onnx -o" in text, shown.output
+    assert "--rebuild" not in text  # re-exporting rewrites only what is broken or missing
+
+
+def test_plan_says_how_many_processes_it_runs_on(runner, tmp_path) -> None:
+    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--devices", "3", "--warmup", "0"]
+    made = runner.invoke(
+        cli.app, [*args, "--repeat", "1", "-o", str(tmp_path / "p.json")], env={"COLUMNS": "200"}
+    )
+    assert made.exit_code == 0, made.output
+    message = " ".join(made.output.split())
+    assert f"accel run {tmp_path / 'p.json'} runs it on 6 process(es) (--devices 6)" in message, made.output
+
+
+def test_third_party_messages_a_user_cannot_act_on_are_silenced() -> None:
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch{quiet}\n"
+        "from accel.testing import build_pipeline\n"
+        "build_pipeline('sdxl').unet.to(torch.float16)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for key in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "PYTHONWARNINGS"):
+        env.pop(key, None)
+
+    def stderr(quiet: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code.format(quiet=quiet)], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    if importlib.util.find_spec("torchvision") is None:
+        assert "requires torchvision" in stderr("")  # what the command line silences
+    quiet = stderr("; from accel.quiet import quiet_third_party; quiet_third_party()")
+    assert "requires torchvision" not in quiet and "kept in float32" not in quiet, quiet
+    assert "FutureWarning" not in quiet, quiet

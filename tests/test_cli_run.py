@@ -102,6 +102,10 @@ BAD_INPUT = [
     (["run", "--demo", "sdxl", "--height", "100"], "--height 100 is not a multiple of 8"),
     (["run", "--demo", "sd3", "--width", "72"], "--width 72 is not a multiple of 16"),
     (["run", "--demo", "sdxl", "--height", "100000"], "--height 100000 is more than this model serves"),
+    (
+        ["run", "--demo", "sdxl", "--steps", "10", "--strategy", "hybrid", "--schedule", "5-12"],
+        "--schedule 5-12 ends after the last step (9) of a 10-step run",
+    ),
 ]
 
 

@@ -181,6 +181,8 @@ def test_cli_export_writes_engines_and_second_run_exports_nothing(tmp_path: Path
     }
     # The pipeline's VAE decoder too (latent size 16x16, one image per prompt, fp32 like the plan).
     assert keys == {"cfg.full.128x128.b1", *window, "vae.decoder.16x16.b1.float32"}
+    assert f"wrote {len(keys)} engine(s), kept 0 that fit" in " ".join(result.output.split())
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{k}.onnx" for k in keys] + ["manifest.json"])
 
     def no_export(*a: Any, **k: Any) -> Any:
         raise AssertionError("second export must reuse the engines")
@@ -188,6 +190,7 @@ def test_cli_export_writes_engines_and_second_run_exports_nothing(tmp_path: Path
     monkeypatch.setattr(torch.onnx, "export", no_export)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert f"wrote 0 engine(s), kept {len(keys)} that fit" in " ".join(result.output.split())
 
     result = runner.invoke(app, ["export", str(plan_file), "--backend", "tvm", "-o", str(out)])
     assert result.exit_code != 0 and "tvm" in result.output

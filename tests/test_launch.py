@@ -174,6 +174,7 @@ def test_a_signal_stops_accel_run_promptly_with_one_line(tmp_path, signame, code
     got, stderr, seconds = _interrupt_after(args, "accel run:", getattr(signal, signame), 1.0)
     assert got == code, stderr
     assert "Traceback" not in stderr, stderr
+    assert "requires torchvision" not in stderr, stderr  # third-party notes a user cannot act on (no -v)
     assert stderr.strip().splitlines()[-1] == f"accel: interrupted ({signame}), stopped.", stderr
     assert seconds < 8, seconds
     assert not (tmp_path / "x.png").exists()

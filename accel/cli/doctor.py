@@ -291,6 +291,16 @@ def _verdict(report: Report) -> None:
         )
     report.ready = not missing_install
     report.fixes = fixes
+    if n == 0:
+        # On CPUs compiled stages do not pay off, and inductor engines compile again at their first use
+        # (docs/engines.md): eager, or onnx engines for a start-up without compiling.
+        advice = "; on this CPU-only machine use --backend eager (the default)" + (
+            ", or onnx engines (accel export --backend onnx) to load without compiling"
+            if "onnx" in usable
+            else ""
+        )
+        report.fixes.append(f"compile backends usable here: {', '.join(usable)}{advice} (docs/choosing.md)")
+        return
     # inductor first: the backend measured on GPUs (docs/engines.md); aot and tensorrt depend on torch's
     # AOTInductor loader and the torch-tensorrt release matching the installed torch.
     fast = [name for name in ("inductor", "aot", "tensorrt") if name in usable]

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from accel.cli.common import DEVICE_KINDS, check_device, check_writable, choices, fail
+from accel.quiet import quiet_third_party
 from accel.settings import PRECISIONS, Backend
 from accel.source import ModelSource
 
@@ -35,6 +36,7 @@ def export(
     ),
 ) -> None:
     """Compile each stage of each phase of the plan and save it as an engine file in an engine directory."""
+    quiet_third_party()  # before the deferred imports below
     # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
     import torch
 
@@ -71,12 +73,15 @@ def export(
     columns: tuple[Any, ...] = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         tasks: dict[str, Any] = {}
+        kept: list[str] = []
 
         def on_stage(job: StageJob, event: str) -> None:
             if event == "start":
                 tasks[job.key] = progress.add_task(f"{backend} {job.key}", total=1)
             else:
                 progress.update(tasks[job.key], completed=1)
+                if event == "kept":
+                    kept.append(job.key)
 
         try:
             with torch.no_grad():
@@ -86,4 +91,8 @@ def export(
         except (EngineError, BackendError, ValueError) as exc:
             fail(console, str(exc), code=1)
     total = sum(r.size for r in records)
-    console.print(f"wrote {len(records)} engine(s), {total / 1e6:.1f} MB, to {output} (manifest.json)")
+    console.print(
+        f"wrote {len(records) - len(kept)} engine(s), kept {len(kept)} that fit ({total / 1e6:.1f} MB in all) "
+        f"in {output} (manifest.json)",
+        highlight=False,
+    )

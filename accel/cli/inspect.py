@@ -13,6 +13,10 @@ from rich.table import Table
 
 from accel.cli.common import plan_table
 
+#: How to fix engines that are broken, missing or built elsewhere: `accel export` without ``--rebuild``
+#: rewrites only the engines that do not fit and keeps the others.
+_REEXPORT = "`accel export PLAN --backend BACKEND -o DIR` (it rewrites only the broken or missing engines)"
+
 
 def _environment() -> dict[str, Any]:
     """What an engine must have been built for to load here (device type, compute capability, versions)."""
@@ -106,9 +110,10 @@ def _weights_entry(record: Any, current: str | None) -> dict[str, Any]:
 def inspect_engines(directory: Path, weights: dict[str, str] | None = None) -> dict[str, Any]:
     """Every manifest entry of an engine directory with its file's integrity and fit for this machine.
 
-    ``valid`` is False when the manifest is unreadable or any file is missing, truncated or edited
-    (sha256). ``notes`` list what would make ``accel run`` refuse an entry here (versions, GPU, and, given
-    a model's ``weights`` fingerprints by key (:func:`model_weights`), other weights baked into the
+    ``valid`` is False when the manifest is unreadable, an entry was edited after export (its digest),
+    any file is missing, truncated or edited (sha256), or an interrupted export left stages out
+    (``missing``). ``notes`` list what would make ``accel run`` refuse an entry here (versions, GPU, and,
+    given a model's ``weights`` fingerprints by key (:func:`model_weights`), other weights baked into the
     engine). Each entry says how it holds weights (``"bound at load"``: a fine-tune of the same graph
     reuses it; ``"baked in"``) and which weights it was built with.
     """
@@ -153,6 +158,10 @@ def inspect_engines(directory: Path, weights: dict[str, str] | None = None) -> d
                 "notes": notes,
             }
         )
+    for entry in entries:
+        if "file" in entry:
+            entry["problems"] = store.entry_problems(entry["key"]) + entry["problems"]
+    missing = store.missing()
     listed = {e.get("file") for e in entries}
     stray = sorted(
         p.name
@@ -163,8 +172,9 @@ def inspect_engines(directory: Path, weights: dict[str, str] | None = None) -> d
         "kind": "engines",
         "directory": str(directory),
         "format": manifest.get("format"),
-        "valid": all(not e["problems"] for e in entries),
+        "valid": not missing and all(not e["problems"] for e in entries),
         "engines": entries,
+        "missing": missing,
         "unlisted_files": stray,
     }
 
@@ -232,12 +242,20 @@ def _print_engines(console: Console, info: dict[str, Any]) -> None:
         console.print(
             f"not in the manifest: {escape(name)} (left by an interrupted export?)", highlight=False
         )
+    missing = info.get("missing", [])
+    if missing:
+        expected = len(missing) + len(info["engines"])
+        console.print(
+            f"[red]incomplete:[/red] {len(missing)} of {expected} engine(s) missing: {escape(', '.join(missing))} "
+            "(an interrupted export?)",
+            highlight=False,
+        )
     if info["valid"]:
         console.print(f"manifest valid: {len(info['engines'])} engine(s), every checksum matches.")
     if any(e["notes"] for e in info["engines"]):
         console.print(
             "entries that do not fit here are refused by `accel run`; re-export them on this machine with "
-            "`accel export PLAN --backend BACKEND -o DIR --rebuild`.",
+            f"{_REEXPORT}.",
             highlight=False,
         )
 
@@ -283,9 +301,10 @@ def inspect(
         else:
             _print_engines(console, info)
             if not info["valid"]:
+                backends = sorted({e["backend"] for e in info["engines"] if e.get("backend")}) or ["BACKEND"]
                 errors.print(
-                    "[red]invalid:[/red] some engine files do not match the manifest; re-export them with "
-                    "`accel export PLAN --backend BACKEND -o DIR --rebuild`.",
+                    "[red]invalid:[/red] some engines are missing or do not match the manifest; re-export "
+                    f"them with {_REEXPORT.replace('BACKEND', backends[0]).replace('DIR', escape(str(path)))}.",
                     highlight=False,
                 )
         if not info["valid"]:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from accel.cli.common import DEVICE_KINDS, check_device, check_writable, choices, fail, plan_table
+from accel.quiet import quiet_third_party
 from accel.settings import PRECISIONS, Precision
 from accel.source import ARCHS, DEMOS, ModelSource, SourceError
 
@@ -46,9 +47,11 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
 ) -> None:
     """Profile the denoiser, cut it into stages of equal cost and write a plan file."""
+    quiet_third_party()  # before the deferred imports below
     # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
     import torch
 
+    from accel.jobs import plan_worlds
     from accel.models import UnsupportedModelError
     from accel.partition import PartitionError
     from accel.plan import PlanError, build_plan
@@ -101,7 +104,14 @@ def plan(
     except (UnsupportedModelError, PartitionError, PlanError, ValueError) as exc:
         fail(Console(stderr=True), str(exc), code=1)
     written = result.save(output)
+    worlds = " or ".join(str(w) for w in plan_worlds(result.devices))
+    where = (
+        f"accel run {written} runs it on {worlds} process(es) (--devices {plan_worlds(result.devices)[0]})"
+        + ("" if result.devices <= 2 else f": each guidance branch pipelines over {result.devices} devices")
+    )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
+        Console(stderr=True).print(where, highlight=False)
         return
     console.print(plan_table(result, written))
+    console.print(where, highlight=False)

@@ -14,6 +14,7 @@ from accel.cli import options
 from accel.cli.common import fail, log_to
 from accel.errors import AccelError
 from accel.launch import LaunchError, launch_function, launch_script
+from accel.quiet import quiet_third_party
 from accel.request import DEFAULT_PROMPT, GenerationRequest, RequestError
 
 HELP = """Generate images on several devices, launching one worker process per device.
@@ -105,6 +106,8 @@ def run(
     console = Console(stderr=True, soft_wrap=True)
     if verbose:
         log_to(console)
+    else:
+        quiet_third_party()
     request = GenerationRequest(
         prompt, prompts_file, negative_prompt, batch_size, steps, guidance, height, width, seed, precision,
         strategy, window_guidance, schedule, backend, engines, strict, compile_missing, warmup, output

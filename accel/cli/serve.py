@@ -11,6 +11,7 @@ from rich.console import Console
 from accel.cli import options
 from accel.cli.common import fail, log_to
 from accel.errors import AccelError
+from accel.quiet import quiet_third_party
 from accel.request import GenerationRequest
 
 HELP = """Serve a pipeline over HTTP: the workers start once, warm up, and stay up.
@@ -90,6 +91,8 @@ def serve(
     console = Console(stderr=True, soft_wrap=True)
     if verbose:
         log_to(console)
+    else:
+        quiet_third_party()
     request = GenerationRequest(
         precision=precision,
         strategy=strategy,

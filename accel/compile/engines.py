@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,20 +136,27 @@ def export_plan(
     on_stage: Callable[[StageJob, str], None] | None = None,
     vae: torch.nn.Module | None = None,
 ) -> list[EngineRecord]:
-    """Export every stage of ``plan`` (and, given ``vae``, its decoder) into the engine directory;
-    ``on_stage(job, "start"|"done")``."""
+    """Export every stage of ``plan`` (and, given ``vae``, its decoder) into the engine directory.
+
+    ``on_stage(job, event)`` hears ``"start"`` before each stage and then ``"done"`` (written) or
+    ``"kept"`` (a fitting engine was there). The keys are recorded first (:meth:`EngineStore.expect`),
+    so an interrupted export is reported as incomplete.
+    """
     store = EngineStore(directory)
     impl = get_backend(backend)
     impl.check_available()
     records = []
     device = next(model.parameters()).device
-    jobs = stage_jobs(plan, model)
+    jobs: list[StageJob] = list(stage_jobs(plan, model))
     if vae is not None:
-        jobs = itertools.chain(jobs, decoder_jobs(plan, vae, device))
+        jobs += decoder_jobs(plan, vae, device)
+    store.expect([job.key for job in jobs])
+    before = store.records()
     for job in jobs:
         if on_stage is not None:
             on_stage(job, "start")
-        records.append(store.export(job.key, impl, job.module, job.example_inputs, rebuild=rebuild))
+        record = store.export(job.key, impl, job.module, job.example_inputs, rebuild=rebuild)
+        records.append(record)
         if on_stage is not None:
-            on_stage(job, "done")
+            on_stage(job, "kept" if before.get(job.key) == record else "done")
     return records

@@ -17,7 +17,10 @@ hold code only, ``inductor``, ``eager``: :attr:`Backend.binds_weights`) serve a 
 LoRA of the same architecture without recompiling, and the difference is reported (a log warning, and
 :meth:`EngineStore.check`'s notes). :meth:`EngineStore.validate` checks all of it before anything is
 loaded and refuses with every reason; ``rebuild=True`` recompiles instead.
-Writes are atomic (temp file + ``os.replace``) and exports hold a file lock (``fcntl.flock``).
+Each entry also carries a digest of its own fields (``extra["digest"]``), so an edited manifest entry is
+refused too, and an export of a plan first records the keys it will write (``expected``), so an
+interrupted export is known as incomplete. Writes are atomic (temp file + ``os.replace``) and exports hold
+a lock on the directory (``fcntl.flock``; no lock file is left behind).
 
 Engine files can contain executable code (shared libraries, generated code): load only from a
 directory you created or trust. Nothing here uses pickle; no ``torch.load`` is involved.
@@ -49,6 +52,7 @@ from accel.errors import AccelError
 from accel.models.base import dtype_name
 
 MANIFEST = "manifest.json"
+#: The lock file of older accel versions (the directory itself is locked now); inspect ignores it.
 LOCK = ".lock"
 FORMAT_VERSION = 1
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -115,6 +119,19 @@ def binds_weights(record: EngineRecord) -> bool:
     except ValueError:  # a backend this accel does not know
         return False
     return backend_binds and record.extra.get(WEIGHTS) == BOUND
+
+
+def record_digest(data: dict[str, Any]) -> str:
+    """Hash of a manifest entry's fields (``extra`` aside): any later edit of the entry changes it."""
+    fields = {k: v for k, v in data.items() if k != "extra"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def engine_file_name(key: str, backend: Backend) -> str:
+    """``<key>.<backend><suffix>``, without repeating a suffix that is the backend's name (``.onnx``)."""
+    if backend.suffix == f".{backend.name}":
+        return f"{key}{backend.suffix}"
+    return f"{key}.{backend.name}{backend.suffix}"
 
 
 # -- identities ---------------------------------------------------------------------------------------
@@ -219,30 +236,56 @@ class EngineStore:
     def records(self) -> dict[str, EngineRecord]:
         return {k: EngineRecord.from_dict(v) for k, v in self.read_manifest()["engines"].items()}
 
+    def expect(self, keys: Sequence[str]) -> None:
+        """Record the keys an export is about to write, so that :meth:`missing` can name the ones it did not."""
+        with self.lock():
+            manifest = self.read_manifest()
+            manifest["expected"] = sorted(set(keys))
+            write_text_atomic(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    def missing(self) -> list[str]:
+        """Keys the last export of a plan meant to write that the manifest lacks (an interrupted export)."""
+        manifest = self.read_manifest()
+        return sorted(set(manifest.get("expected", [])) - set(manifest["engines"]))
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """An exclusive lock on the directory (one export at a time); ``EngineError`` after the timeout."""
+        """An exclusive lock on the directory (one export at a time); ``EngineError`` after the timeout.
+
+        The directory itself is locked, so no lock file is left in it.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / LOCK
-        with open(path, "a+") as handle:
+        path = self.directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
             deadline = time.monotonic() + self.lock_timeout
             while True:
                 try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
                     if time.monotonic() >= deadline:
                         raise EngineError(
-                            f"another export has held the lock {path} for more than {self.lock_timeout:g} s; "
+                            f"another export has held the lock on {path} for more than {self.lock_timeout:g} s; "
                             "wait for it to finish (or pass a longer lock timeout)."
                         ) from None
                     time.sleep(0.05)
             try:
                 yield
             finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def entry_problems(self, key: str) -> list[str]:
+        """What is wrong with the manifest entry ``key`` itself: edited after export (its digest)."""
+        entry = self.read_manifest()["engines"].get(key, {})
+        digest = entry.get("extra", {}).get("digest") if isinstance(entry.get("extra"), dict) else None
+        if digest is not None and digest != record_digest(entry):
+            return ["manifest entry edited after export (its digest does not match)"]
+        return []
 
     # -- checks -------------------------------------------------------------------------------------
     def expected(
@@ -274,7 +317,7 @@ class EngineStore:
             return EngineCheck(key, None, [f"no engine {key!r} in {self.manifest_path}"], [])
         record = EngineRecord.from_dict({**engines[key], "key": key})
         want = self.expected(impl, module, example_inputs)
-        problems: list[str] = []
+        problems: list[str] = self.entry_problems(key)
         notes: list[str] = []
         if record.backend != want["backend"]:
             problems.append(f"built with backend {record.backend!r}, this run uses {want['backend']!r}")
@@ -374,7 +417,7 @@ class EngineStore:
             if not rebuild and not self.problems(key, impl, module, example_inputs):
                 return self.records()[key]
             want = self.expected(impl, module, example_inputs)
-            name = f"{key}.{impl.name}{impl.suffix}"
+            name = engine_file_name(key, impl)
             path = impl.export(module, example_inputs, self.directory / name)
             record = EngineRecord(
                 key=key,
@@ -385,6 +428,7 @@ class EngineStore:
                 extra={WEIGHTS: BOUND} if impl.binds_weights else {},
                 **want,
             )
+            record.extra["digest"] = record_digest(asdict(record))
             manifest = self.read_manifest()
             manifest["engines"][key] = asdict(record)
             write_text_atomic(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
