@@ -129,6 +129,7 @@ def test_every_command_has_help(runner) -> None:
 def test_inspect_compares_engine_weights_with_a_model(runner, tmp_path) -> None:
     """Each engine says how it holds weights and which it was built with; against a model, whether that
     model's weights are the engine's own, and whether the difference is served or refused."""
+    from accel.compile.store import record_digest
     from accel.source import ModelSource
     from accel.targets import load_denoiser
 
@@ -147,6 +148,7 @@ def test_inspect_compares_engine_weights_with_a_model(runner, tmp_path) -> None:
     manifest = json.loads(store.manifest_path.read_text())
     built = manifest["engines"]["cfg.full.8x8.b1"]
     built["weights_fingerprint"] = "0123456789abcdef"  # exported from a fine-tune of the same graph
+    built["extra"]["digest"] = record_digest(built)  # as an export writes it (an edit would be refused)
     store.manifest_path.write_text(json.dumps(manifest))
     entry = report()
     assert (entry["same_weights"], entry["weights_fingerprint"], entry["notes"]) == (
@@ -157,6 +159,7 @@ def test_inspect_compares_engine_weights_with_a_model(runner, tmp_path) -> None:
     shown = runner.invoke(cli.app, ["inspect", str(store.directory), "--demo", "sd3"], env={"COLUMNS": "200"})
     assert "served without recompiling" in " ".join(shown.output.split())
     built["backend"] = "onnx"  # engines that hold their own weights are refused for other ones
+    built["extra"]["digest"] = record_digest(built)
     store.manifest_path.write_text(json.dumps(manifest))
     entry = report()
     assert entry["weights"] == "baked in"
