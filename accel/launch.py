@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accel.errors import AccelError, Interrupted
+from accel.errors import AccelError
 from accel.settings import SettingsError, check_count
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
     # Workers share the cores: without a limit each would start one thread per core and they would spend
     # their time preempting each other.
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    stopped_by: signal.Signals | None = None
     with (
         tempfile.TemporaryDirectory(prefix="accel-launch-") as log_dir,
         _scoped_env(env),
@@ -205,8 +206,9 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
         except ChildFailedError as exc:
             raise _launch_error(exc) from None
         except SignalException as exc:
-            # The launcher has stopped the workers (with the same signal); the caller decides what to say.
-            raise Interrupted(int(exc.sigval)) from None
+            # The launcher has stopped the workers; the signal is delivered again below, once this
+            # process's own handlers are back, so that it ends the process as it would have without us.
+            stopped_by = signal.Signals(exc.sigval)
         except (RuntimeError, ValueError, TimeoutError, OSError) as exc:
             # Rendezvous problems (port taken, node 0 unreachable, other nodes never came).
             raise LaunchError(
@@ -214,6 +216,9 @@ def _launch(spec: LaunchSpec, entrypoint: Callable[..., Any] | str, args: list[A
                 + _rendezvous_hint(spec, port),
                 {},
             ) from exc
+    if stopped_by is not None:
+        signal.raise_signal(stopped_by)
+        raise LaunchError(f"the workers were stopped by {stopped_by.name}", {})
     return results
 
 

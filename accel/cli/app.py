@@ -8,13 +8,11 @@ imports them all and must stay fast.
 from __future__ import annotations
 
 import signal
-import sys
 from types import FrameType
 
 import typer
 
 from accel.cli import bench, doctor, export, inspect, plan, run, serve
-from accel.errors import Interrupted
 
 #: The signals a command stops on with a one-line message and exit status ``128 + signum``.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -35,19 +33,21 @@ app.command("run", help=run.HELP, context_settings={"allow_extra_args": True})(r
 app.command("serve", help=serve.HELP)(serve.serve)
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(signum)
-
-
 def main() -> None:
     """Console-script entry point: runs a command; Ctrl-C or SIGTERM stops it with one line."""
+    received: list[int] = []
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        # SystemExit unwinds through every finally (the launcher stops the workers on the way out) and no
+        # `except Exception` swallows it; files are written atomically, so nothing is left half-written.
+        raise SystemExit(128 + signum)
+
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _interrupt)
+        signal.signal(signum, stop)
     try:
         app()
-    except Interrupted as stop:
-        # Workers are stopped by the launcher on the way out (accel.launch); nothing else is half-written
-        # (files are written atomically), so one line says all there is to say.
-        name = signal.Signals(stop.signum).name
-        typer.echo(f"accel: interrupted ({name}), stopped.", err=True)
-        sys.exit(128 + stop.signum)
+    finally:
+        if received:
+            name = signal.Signals(received[0]).name
+            typer.echo(f"accel: interrupted ({name}), stopped.", err=True)

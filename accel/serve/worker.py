@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from accel.errors import Interrupted
 from accel.serve.channel import STOP, BatchChannel
 from accel.serve.job import ServeJob, listening_socket
 from accel.serve.settings import ServeSettings, ServeSettingsError, format_size
@@ -390,12 +389,24 @@ def _warmup_message(settings: ServeSettings, height: int, width: int, count: int
 
 
 def launch_server(job: ServeJob, spec: Any) -> None:
-    """Start the worker group (:class:`accel.launch.LaunchSpec` ``spec``) and serve until SIGTERM or
-    SIGINT; returns once every worker has drained and exited. Raises :class:`accel.launch.LaunchError`
-    when a worker fails."""
-    from accel.launch import launch_function
+    """Start the worker group (:class:`accel.launch.LaunchSpec` ``spec``) and serve until SIGTERM;
+    returns once every worker has drained and exited. Raises :class:`accel.launch.LaunchError` when a
+    worker fails. SIGINT stops the command as any other (exit 130)."""
+    from accel.launch import LaunchError, launch_function
 
+    drained: list[int] = []
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        # The launcher passed SIGTERM on to the workers, waited for them to drain, and delivers it here
+        # again: for a server that is the way to stop, not a failure.
+        drained.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         launch_function(spec, serve_worker, job)
-    except Interrupted as stop:
-        log.info("stopped by %s: the workers drained and stopped", signal.Signals(stop.signum).name)
+    except LaunchError:
+        if not drained:
+            raise
+        log.info("stopped by SIGTERM: the workers drained and stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
