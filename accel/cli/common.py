@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from accel.atomic import unwritable_reason
+from accel.quiet import quiet_third_party
 
 #: Device kinds a command that loads a model on this machine accepts.
 DEVICE_KINDS = ("cuda", "cpu")
@@ -46,6 +47,15 @@ def log_to(console: Console) -> None:
     logging.getLogger("accel").setLevel(logging.INFO)
     logging.getLogger("accel.launch").setLevel(logging.DEBUG)  # includes the elastic launcher's records
     logging.getLogger("accel").addHandler(RichHandler(console=console, show_path=False))
+
+
+def set_verbosity(console: Console, verbose: bool) -> None:
+    """``-v``: accel's and the launcher's records on ``console``; otherwise silence the third-party
+    messages a user cannot act on (:func:`accel.quiet.quiet_third_party`)."""
+    if verbose:
+        log_to(console)
+    else:
+        quiet_third_party()
 
 
 def check_device(device: str) -> None:

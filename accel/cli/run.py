@@ -11,10 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from accel.cli import options
-from accel.cli.common import fail, log_to
+from accel.cli.common import fail, set_verbosity
 from accel.errors import AccelError
 from accel.launch import LaunchError, launch_function, launch_script
-from accel.quiet import quiet_third_party
 from accel.request import DEFAULT_PROMPT, GenerationRequest, RequestError
 
 HELP = """Generate images on several devices, launching one worker process per device.
@@ -104,10 +103,7 @@ def run(
     from accel.targets import resolve_target
 
     console = Console(stderr=True, soft_wrap=True)
-    if verbose:
-        log_to(console)
-    else:
-        quiet_third_party()
+    set_verbosity(console, verbose)
     request = GenerationRequest(
         prompt, prompts_file, negative_prompt, batch_size, steps, guidance, height, width, seed, precision,
         strategy, window_guidance, schedule, backend, engines, strict, compile_missing, warmup, output

@@ -9,9 +9,8 @@ import typer
 from rich.console import Console
 
 from accel.cli import options
-from accel.cli.common import fail, log_to
+from accel.cli.common import fail, set_verbosity
 from accel.errors import AccelError
-from accel.quiet import quiet_third_party
 from accel.request import GenerationRequest
 
 HELP = """Serve a pipeline over HTTP: the workers start once, warm up, and stay up.
@@ -89,10 +88,7 @@ def serve(
     from accel.serve.job import serve_job
 
     console = Console(stderr=True, soft_wrap=True)
-    if verbose:
-        log_to(console)
-    else:
-        quiet_third_party()
+    set_verbosity(console, verbose)
     request = GenerationRequest(
         precision=precision,
         strategy=strategy,
