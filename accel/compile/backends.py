@@ -257,31 +257,35 @@ class AOTBackend(Backend):
         accel's cache folder (:func:`loader_check_marker`) so later processes of the same interpreter and
         torch build skip the child (it costs a second interpreter start and torch import).
         """
-        marker = loader_check_marker(self.LOADER_CHECK)
-        if not self._loader_checked and marker.exists():
-            self._loader_checked = True
         if not self._loader_checked:
-            started = time.perf_counter()
-            cmd = [sys.executable, "-c", self.LOADER_CHECK, str(path), str(device_index)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-                code, detail = proc.returncode, (proc.stderr or "").strip().splitlines()[-1:]
-            except subprocess.TimeoutExpired:
-                code, detail = None, [f"no answer after {timeout:g} s"]
-            if code != 0:
-                how = f"crashed (signal {-code})" if code is not None and code < 0 else "failed"
-                self._loader_problem = (
-                    f"torch {torch.__version__} cannot load AOTInductor packages on this machine: loading "
-                    f"{Path(path).name} in a child process {how}{': ' + detail[0] if detail else ''}. Use "
-                    "--backend inductor (accel export PLAN --backend inductor) instead; see "
-                    "docs/troubleshooting.md."
-                )
-            else:
-                _remember(marker)
+            marker = loader_check_marker(self.LOADER_CHECK)
+            if not marker.exists():
+                self._loader_problem = self._load_in_child(path, device_index, timeout)
+                if self._loader_problem is None:
+                    _remember(marker)
             self._loader_checked = True
-            logger.info("aot loader check in a child process: %.1f s", time.perf_counter() - started)
         if self._loader_problem is not None:
             raise BackendError(self._loader_problem)
+
+    def _load_in_child(self, path: str | os.PathLike[str], device_index: int, timeout: float) -> str | None:
+        """Load ``path`` in a child process running ``LOADER_CHECK``; what went wrong, or ``None``."""
+        started = time.perf_counter()
+        cmd = [sys.executable, "-c", self.LOADER_CHECK, str(path), str(device_index)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+            code, detail = proc.returncode, (proc.stderr or "").strip().splitlines()[-1:]
+        except subprocess.TimeoutExpired:
+            code, detail = None, [f"no answer after {timeout:g} s"]
+        logger.info("aot loader check in a child process: %.1f s", time.perf_counter() - started)
+        if code == 0:
+            return None
+        how = f"crashed (signal {-code})" if code is not None and code < 0 else "failed"
+        return (
+            f"torch {torch.__version__} cannot load AOTInductor packages on this machine: loading "
+            f"{Path(path).name} in a child process {how}{': ' + detail[0] if detail else ''}. Use "
+            "--backend inductor (accel export PLAN --backend inductor) instead; see "
+            "docs/troubleshooting.md."
+        )
 
     def _exported(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
         with torch.no_grad():
