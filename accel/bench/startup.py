@@ -182,7 +182,7 @@ def prepare(folder: Path, plan: Path, *, size: int | None, device: str, log: Pat
     cmd = ["plan", str(folder), "--devices", "1", "--device", device, "-o", str(plan)]
     if size is not None:
         cmd += ["--height", str(size), "--width", str(size)]
-    _, _, code, out = _timed(_accel(*cmd), dict(os.environ), log)
+    _, _, code, _ = _timed(_accel(*cmd), dict(os.environ), log)
     if code != 0:
         raise RuntimeError(f"accel plan {folder} failed (exit {code}); see {log}.")
 
