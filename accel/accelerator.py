@@ -54,7 +54,7 @@ class Accelerator:
         if settings is not None and kwargs:
             raise SettingsError("pass either settings=AccelSettings(...) or keyword settings, not both.")
         self.settings = _launcher_layout(settings if settings is not None else AccelSettings(**kwargs))
-        self._accelerator = _resolve_accelerator(self.settings)
+        self._accelerator = resolve_accelerator(self.settings)
         self._fabric: Fabric | None = None
         self._comm: Communicator | None = None
         self._monitor: FailureMonitor | None = None
@@ -268,7 +268,7 @@ def _launcher_layout(settings: AccelSettings) -> AccelSettings:
     return settings.replace(devices=layout[0], num_nodes=layout[1])
 
 
-def _resolve_accelerator(settings: AccelSettings) -> str:
+def resolve_accelerator(settings: AccelSettings) -> str:
     """``"cuda"`` or ``"cpu"``, checked against what this machine has."""
     kind = settings.accelerator
     n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -156,7 +156,7 @@ def load_for(acc: Accelerator, source: ModelSource) -> Any:
     if dtype is None and source.kind == "arch":
         # Full-size random-weight models: fp16 on GPUs, as `accel plan --arch` profiles them.
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(source, dtype=dtype, device=device if source.kind == "arch" else "cpu")
+    pipe = load_pipeline(source, dtype=dtype, device=device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # accel's own bar replaces diffusers' per-rank bars
     return pipe

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accel.accelerator import Accelerator
+from accel.accelerator import Accelerator, resolve_accelerator
 from accel.compile.backends import BACKEND_NAMES, get_backend
 from accel.compile.store import MANIFEST, EngineError, EngineStore
 from accel.generation import GenerationJob
@@ -129,7 +129,8 @@ def worker_settings(
         settings["plan"] = str(target.plan_path.resolve()) if target.plan_path is not None else None
     checked = layout.checked_settings(**settings)
     if r.engines is not None and plan is not None and not r.compile_missing:
-        check_engines(target, r.engines, backend, settings["precision"], checked.accelerator, strategy)
+        device = resolve_accelerator(checked)  # "auto" is the GPU where there is one
+        check_engines(target, r.engines, backend, settings["precision"], device, strategy)
     settings.update(devices=checked.devices, num_nodes=checked.num_nodes, accelerator=checked.accelerator)
     return settings, layout
 
@@ -213,9 +214,10 @@ def check_plan_shapes(
 
 
 def check_engines(
-    target: Target, engines: Path, backend: str, precision: str | None, accelerator: str, strategy: str
+    target: Target, engines: Path, backend: str, precision: str | None, device: str, strategy: str
 ) -> None:
-    """Refuse an engine directory that cannot serve every stage this plan's run needs.
+    """Refuse an engine directory that cannot serve every stage this plan's run needs on ``device``
+    (``"cuda"`` or ``"cpu"``, as the workers will run).
 
     The stages and keys are the ones ``accel export`` writes (:func:`accel.compile.engines.stage_jobs`),
     each checked by the engine store against the model (weights, shapes, graph, checksums, versions).
@@ -232,7 +234,7 @@ def check_engines(
     denoiser, _ = load_denoiser(
         target.source,
         dtype=PRECISIONS[precision or plan.dtype],
-        device="cuda" if accelerator == "cuda" else "cpu",
+        device=device,
     )
     store = EngineStore(engines)
     problems: list[str] = []
@@ -247,7 +249,7 @@ def check_engines(
         raise RequestError(str(exc)) from None
     finally:
         del denoiser
-        if accelerator == "cuda":
+        if device == "cuda":
             torch.cuda.empty_cache()
     if problems:
         raise RequestError(

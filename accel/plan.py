@@ -482,6 +482,7 @@ def build_plan(
     width: int,
     devices: int,
     batch: int = 1,
+    more_batches: Sequence[int] = (),
     vae_scale_factor: int = 8,
     text_len: int | None = None,
     layout: str = "auto",
@@ -495,8 +496,9 @@ def build_plan(
 ) -> Plan:
     """Profile ``model`` where it lives (device and dtype), partition it for ``devices`` and record a plan.
 
-    ``batch`` is the per-device batch of a CFG-split step (one guidance branch); ``height``/``width`` are
-    pixels. ``source`` says how ``accel run`` gets the model back (see :class:`Plan`).
+    ``batch`` is the per-device batch of a CFG-split step (one guidance branch), the one profiled;
+    ``more_batches`` are further batch buckets the plan covers (``accel export`` writes engines for each,
+    ``accel serve`` batches requests to these sizes); ``height``/``width`` are pixels. ``source`` says how ``accel run`` gets the model back (see :class:`Plan`).
     """
     from accel.models import adapt
     from accel.profile import profile_units
@@ -541,7 +543,7 @@ def build_plan(
         dtype=precision,
         device_type=device.type if device.type in ("cuda", "cpu") else "cpu",
         resolutions=((height, width),),
-        batches=(batch,),
+        batches=(batch, *sorted(set(more_batches) - {batch})),
         devices=devices,
         layout=cut.layout,
         link_gbps=link,

@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
 
 from accel.plan import Plan, PlanError, load_plan
 from accel.request import RequestError
@@ -173,13 +176,34 @@ def _plan_target(path: Path) -> Target:
 
 
 def load_pipeline(source: ModelSource, *, dtype: Any, device: Any) -> Any:
-    """The whole diffusers pipeline ``source`` names (text encoders and VAE included)."""
+    """The whole diffusers pipeline ``source`` names (text encoders and VAE included), on ``device``."""
     if source.is_builtin:
         return _builtin_pipeline(source, dtype=dtype, device=device)
     from diffusers import DiffusionPipeline
 
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    return DiffusionPipeline.from_pretrained(source.location, **kwargs)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
+    # A component saved as absent (SD3 without its T5 encoder: ``"text_encoder_3": [null, null]``) has to be
+    # passed as None, or diffusers refuses the folder as incomplete.
+    index = DiffusionPipeline.load_config(source.location)
+    kwargs.update({name: None for name, entry in index.items() if _absent(entry)})
+    target = torch.device(device)
+    if not _reads_onto_gpu(target):
+        return DiffusionPipeline.from_pretrained(source.location, **kwargs).to(target)
+    # The weights go from the files straight to the GPU (diffusers' device map, through accelerate): no
+    # copy of the whole model in host memory first. The map names the current CUDA device, so it is set.
+    with torch.cuda.device(target):
+        pipe = DiffusionPipeline.from_pretrained(source.location, device_map="cuda", **kwargs)
+    return pipe.to(target)  # only what a component kept elsewhere moves
+
+
+def _absent(entry: Any) -> bool:
+    """Whether a ``model_index.json`` entry says the component was saved as None."""
+    return isinstance(entry, list | tuple) and len(entry) == 2 and entry[0] is None and entry[1] is None
+
+
+def _reads_onto_gpu(device: torch.device) -> bool:
+    """Whether diffusers can read weights from the files straight onto ``device`` (a GPU, with accelerate)."""
+    return device.type == "cuda" and importlib.util.find_spec("accelerate") is not None
 
 
 def load_denoiser(source: ModelSource, *, dtype: Any, device: str) -> tuple[Any, int]:
@@ -215,7 +239,10 @@ def load_components(
         raise ValueError(
             f"{location}: the {component} class {class_name!r} is not in diffusers {diffusers.__version__}."
         )
-    denoiser = cls.from_pretrained(location, subfolder=component, torch_dtype=dtype).to(device)
+    target = torch.device(device)
+    # As load_pipeline: on a GPU the weights are read straight onto it.
+    placed = {"device_map": target} if _reads_onto_gpu(target) else {}
+    denoiser = cls.from_pretrained(location, subfolder=component, torch_dtype=dtype, **placed).to(target)
     vae_scale_factor = 8
     decoder_vae = None
     if isinstance(index.get("vae"), list | tuple):

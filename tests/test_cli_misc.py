@@ -246,6 +246,23 @@ def test_plan_says_how_many_processes_it_runs_on(runner, tmp_path) -> None:
     assert f"accel run {tmp_path / 'p.json'} runs it on 6 process(es) (--devices 6)" in message, made.output
 
 
+def test_a_plan_of_several_batch_sizes_has_engine_stages_for_each(runner, tmp_path) -> None:
+    from accel.compile.engines import stage_jobs
+    from accel.plan import load_plan
+    from accel.testing import build_pipeline
+
+    args = ["plan", "--demo", "sdxl", "--height", "64", "--width", "64", "--devices", "1", "--warmup", "0"]
+    made = runner.invoke(
+        cli.app, [*args, "--batch", "1", "--batch", "3", "--batch", "1", "-o", str(tmp_path / "p.json")]
+    )
+    assert made.exit_code == 0, made.output
+    plan = load_plan(tmp_path / "p.json")
+    assert plan.batches == (1, 3)  # the first is the profiled one; repeats are dropped
+    # One device runs both guidance branches in one call: engines for 2 and 6 rows.
+    keys = [job.key for job in stage_jobs(plan, build_pipeline("sdxl").unet)]
+    assert keys == ["cfg.full.64x64.b2", "cfg.full.64x64.b6"], keys
+
+
 def test_third_party_messages_a_user_cannot_act_on_are_silenced() -> None:
     import importlib.util
     import os

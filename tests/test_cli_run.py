@@ -268,3 +268,19 @@ def test_run_checks_the_engine_directory_before_launching(runner, sd3_plan, sd3_
     job, _ = _job(sd3_plan, engines, tmp_path, compile_missing=True)
     assert job.settings["engines"] == str(engines.resolve())
     assert not (tmp_path / "x.png").exists()
+
+
+def test_run_loads_an_sd3_folder_saved_without_its_t5_encoder(runner, tmp_path) -> None:
+    from accel.testing import build_pipeline
+
+    pipe = build_pipeline("sd3")
+    pipe.register_modules(text_encoder_3=None, tokenizer_3=None)  # how SD3 is often served: no T5
+    pipe.save_pretrained(tmp_path / "sd3")
+    index = json.loads((tmp_path / "sd3" / "model_index.json").read_text())
+    assert index["text_encoder_3"] == [None, None]
+    out = tmp_path / "x.png"
+    args = ["run", str(tmp_path / "sd3"), "--devices", "1", "--accelerator", "cpu", "--steps", "2"]
+    result = runner.invoke(cli.app, [*args, "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    side = pipe.default_sample_size * pipe.vae_scale_factor
+    assert Image.open(out).size == (side, side)

@@ -32,7 +32,9 @@ def test_startup_suite_times_a_real_run(tmp_path: Path) -> None:
     result = json.loads(stem.with_suffix(".json").read_text())
     (run,) = result["runs"]
     assert run["mode"] == "eager" and run["returncode"] == 0, run
-    assert (tmp_path / "w" / "eager.png").is_file()
+    # Two calls of one image each: the first image's time, and a warm call's time per step.
+    assert (tmp_path / "w" / "eager-0.png").is_file() and (tmp_path / "w" / "eager-1.png").is_file()
+    assert run["warm_call_ms_per_step"] is not None and run["warm_call_ms_per_step"] > 0
     assert run["loaded_stages"] == run["compiled_stages"] == 0
     parts = run["parts_s"]
     assert all(value >= 0 for value in parts.values()), parts

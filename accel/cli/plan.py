@@ -31,7 +31,13 @@ def plan(
     ),
     width: int = typer.Option(None, "--width", min=8, help="Image width in pixels (default: the model's)."),
     devices: int = typer.Option(2, "--devices", min=1, help="Number of pipeline stages (one device each)."),
-    batch: int = typer.Option(1, "--batch", min=1, help="Images per guidance branch on one device."),
+    batch: list[int] = typer.Option(
+        None,
+        "--batch",
+        min=1,
+        help="Images per guidance branch on one device (default 1); repeat for several batch sizes: each gets "
+        "its engines in `accel export`, and `accel serve` batches requests to them. The first is profiled.",
+    ),
     dtype: str = typer.Option(
         None, "--dtype", help=f"{choices(Precision)} (default: fp16 on cuda, fp32 on cpu)."
     ),
@@ -57,6 +63,7 @@ def plan(
     from accel.plan import PlanError, build_plan
     from accel.targets import load_denoiser
 
+    batches = list(dict.fromkeys(batch or [1]))
     try:
         source = ModelSource.choose(model, demo, arch, seed)
     except SourceError as exc:
@@ -86,14 +93,15 @@ def plan(
     height = height or int(sample_size) * vae_scale_factor
     width = width or int(sample_size) * vae_scale_factor
     try:
-        console.print(f"profiling {type(denoiser).__name__} at {height}x{width}, batch {batch}")
+        console.print(f"profiling {type(denoiser).__name__} at {height}x{width}, batch {batches[0]}")
         result = build_plan(
             denoiser,
             source=source.to_dict(),
             height=height,
             width=width,
             devices=devices,
-            batch=batch,
+            batch=batches[0],
+            more_batches=batches[1:],
             vae_scale_factor=vae_scale_factor,
             text_len=text_len,
             layout=layout,

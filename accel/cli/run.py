@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -98,6 +99,7 @@ def run(
         False, "--verbose", "-v", help="Log the launcher's and the workers' steps (accel's INFO logs)."
     ),
 ) -> None:
+    entered = time.time()  # start-up milestones for `--json` (accel bench --startup splits its time)
     # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
     from accel.jobs import Layout, generation_job, script_layout
     from accel.targets import resolve_target
@@ -129,7 +131,7 @@ def run(
         )
     except AccelError as exc:
         fail(console, str(exc))
-    _run_generation(console, tgt.label, job, spec, as_json)
+    _run_generation(console, tgt.label, job, spec, as_json, {"cli": entered, "prepared": time.time()})
 
 
 def _run_script(console: Console, script: Path, spec: Any, args: list[str], as_json: bool) -> None:
@@ -141,7 +143,11 @@ def _run_script(console: Console, script: Path, spec: Any, args: list[str], as_j
         typer.echo(json.dumps({"ok": True, "script": str(script), "world_size": spec.world_size}))
 
 
-def _run_generation(console: Console, label: str, job: Any, spec: Any, as_json: bool) -> None:
+def _run_generation(
+    console: Console, label: str, job: Any, spec: Any, as_json: bool, stamps: dict[str, float]
+) -> None:
+    """Launch the workers; ``stamps`` are this process's start-up milestones (``cli``: the command
+    entered; ``prepared``: the target loaded and checked), reported with the workers' own."""
     from accel.generation import generate  # deferred: imports torch and diffusers
 
     if not as_json:
@@ -155,6 +161,7 @@ def _run_generation(console: Console, label: str, job: Any, spec: Any, as_json: 
     except LaunchError as exc:
         _launch_failed(console, str(exc), exc, as_json)
     summary = _summary(label, job, spec, results)
+    summary["startup"] = {**stamps, **summary["startup"]}
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

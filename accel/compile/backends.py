@@ -347,19 +347,22 @@ def load_aoti_package(path: str | os.PathLike[str], device_index: int) -> Any:
     with a single-threaded runner, after sharing the process's C++ runtime.
 
     The single-threaded runner: the default one's model pool synchronises between threads, which a stream
-    under CUDA-graph capture does not permit, and accel calls a stage from one thread. For a CUDA package
-    the CPU vector ISA is not probed: torch compares it with the package's only to warn, and the probe
-    compiles a test program per ISA the CPU names (over 40 s with a fresh inductor cache on our GPU host).
+    under CUDA-graph capture does not permit, and accel calls a stage from one thread. A CUDA package is
+    opened by torch's package loader itself, not through ``torch._inductor.aoti_load_package``: that one
+    first asks for the CPU's vector ISA only to warn when it differs from the package's, and the question
+    compiles and runs a test program per ISA the CPU names (40 s and more with a fresh inductor cache on
+    our GPU host; ``cpp.vec_isa_ok`` does not skip the AVX-512 and AMX probes). The GPU a package was built
+    for is part of the engine's graph identity, checked before any package is opened.
     """
     import torch._inductor
 
     share_libstdcxx()  # before the package's own library is opened (see accel.compile.cxxruntime)
     if device_index < 0:
         return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
-    with torch._inductor.config.patch({"cpp.vec_isa_ok": True}):
-        return torch._inductor.aoti_load_package(
-            str(path), run_single_threaded=True, device_index=device_index
-        )
+    from torch._inductor.package.package import AOTICompiledModel
+
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index)
+    return AOTICompiledModel(loader)
 
 
 def loader_check_marker(check: str) -> Path:
