@@ -288,6 +288,64 @@ def check_pipeline_settings(names: Iterable[str]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """How the ``inductor`` and ``aot`` backends build a stage beyond their defaults; each option keeps
+    the stage exact up to floating-point reordering (none is lossy).
+
+    Attributes:
+        conv_1x1_as_mm: 1x1 convolutions as matrix products (inductor's ``conv_1x1_as_mm``).
+        coordinate_descent: coordinate-descent search of each generated kernel's launch parameters
+            (``coordinate_descent_tuning``).
+        autotune: benchmark GEMM and convolution choices (Triton templates, cuBLAS, cuDNN) per shape and keep
+            the fastest (``max_autotune``); minutes per stage, which an engine pays once at export.
+
+    Engines record the tuning they were built with (``accel inspect ENGINES``); ``accel export`` rebuilds
+    an engine built with other tuning, and a run loads an engine with the tuning it was built with.
+    """
+
+    conv_1x1_as_mm: bool = False
+    coordinate_descent: bool = False
+    autotune: bool = False
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if not isinstance(value, bool):
+                raise SettingsError(f"tuning {name}={value!r} must be True or False.")
+
+    @classmethod
+    def full(cls) -> Tuning:
+        """Every option on: what ``accel export --tune`` builds."""
+        return cls(conv_1x1_as_mm=True, coordinate_descent=True, autotune=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Tuning:
+        """The tuning a manifest records (absent: the defaults, as engines exported before tuning)."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise SettingsError(
+                f"tuning options {', '.join(unknown)} are unknown to this accel; re-export the engines."
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+    def inductor_options(self) -> dict[str, bool]:
+        """The inductor configuration these options set (empty: inductor's defaults)."""
+        names = {
+            "conv_1x1_as_mm": "conv_1x1_as_mm",
+            "coordinate_descent": "coordinate_descent_tuning",
+            "autotune": "max_autotune",
+        }
+        return {names[name]: True for name, on in self.to_dict().items() if on}
+
+    def describe(self) -> str:
+        """``"default"`` or the options that are on, comma-separated."""
+        return ", ".join(name for name, on in self.to_dict().items() if on) or "default"
+
+
 def _choice(name: str, value: object, valid: Collection[str]) -> None:
     if value not in valid:
         choices = ", ".join(repr(v) for v in valid)

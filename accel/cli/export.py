@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from accel.cli.common import DEVICE_KINDS, check_device, check_writable, choices, fail
 from accel.quiet import quiet_third_party
-from accel.settings import PRECISIONS, Backend
+from accel.settings import PRECISIONS, Backend, Tuning
 from accel.source import ModelSource
 
 #: What ``accel export`` can write: every backend but eager.
@@ -29,6 +29,13 @@ def export(
     output: Path = typer.Option(Path("engines"), "--output", "-o", help="The engine directory to write."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Recompile engines even if fitting ones exist."),
     vae: bool = typer.Option(True, "--vae/--no-vae", help="Also export the pipeline's VAE decoder."),
+    tune: bool = typer.Option(
+        False,
+        "--tune",
+        help="inductor and aot: autotune GEMM and convolution choices, tune every kernel's launch parameters "
+        "and run 1x1 convolutions as matrix products (exact; minutes more per stage, paid once). The "
+        "manifest records it; engines built otherwise are rebuilt.",
+    ),
     device: str = typer.Option(
         None,
         "--device",
@@ -49,7 +56,10 @@ def export(
     console = Console(stderr=True)
     if backend not in EXPORT_BACKENDS:
         raise typer.BadParameter(f"--backend {backend!r} is not one of {', '.join(EXPORT_BACKENDS)}.")
-    impl = get_backend(backend)
+    try:
+        impl = get_backend(backend, Tuning.full() if tune else None)
+    except BackendError as exc:
+        raise typer.BadParameter(f"--tune: {exc}") from None
     reason = impl.available()
     if reason is not None:
         fail(console, f"backend {backend!r} is unavailable: {reason}")

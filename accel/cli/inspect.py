@@ -147,6 +147,7 @@ def inspect_engines(directory: Path, weights: dict[str, str] | None = None) -> d
                 "key": key,
                 "file": record.file,
                 "backend": record.backend,
+                "tuning": _tuning_entry(record),
                 "size": record.size,
                 "device_type": record.device_type,
                 "compute_capability": record.compute_capability,
@@ -220,9 +221,28 @@ def _weights_cell(entry: dict[str, Any]) -> str:
     return escape(cell)
 
 
+def _tuning_entry(record: Any) -> dict[str, bool] | None:
+    """The tuning a tunable backend's engine was built with (``None`` for the other backends)."""
+    from accel.compile.backends import get_backend
+    from accel.compile.store import record_tuning
+
+    try:
+        tunable = get_backend(record.backend).tunable
+    except ValueError:  # an unknown backend is reported by the fit notes
+        return None
+    return record_tuning(record).to_dict() if tunable else None
+
+
+def _tuning_cell(entry: dict[str, Any]) -> str:
+    tuning = entry.get("tuning")
+    if tuning is None:
+        return "-"
+    return ", ".join(name for name, on in tuning.items() if on) or "default"
+
+
 def _print_engines(console: Console, info: dict[str, Any]) -> None:
     table = Table(title=f"engines in {info['directory']} (manifest format {info.get('format')})")
-    for column in ("key", "backend", "MB", "device", "weights", "integrity", "fits here"):
+    for column in ("key", "backend", "tuning", "MB", "device", "weights", "integrity", "fits here"):
         table.add_column(column, overflow="fold")
     for e in info["engines"]:
         device = e.get("compute_capability") or e.get("device_type") or ""
@@ -231,6 +251,7 @@ def _print_engines(console: Console, info: dict[str, Any]) -> None:
         table.add_row(
             escape(e["key"]),
             e.get("backend", ""),
+            _tuning_cell(e),
             f"{e.get('size', 0) / 1e6:.1f}",
             device,
             _weights_cell(e),

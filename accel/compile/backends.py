@@ -17,6 +17,7 @@ adds checksums, fingerprints and version checks on top.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.metadata
@@ -40,6 +41,7 @@ import torch
 from accel.atomic import atomic_path, write_text_atomic
 from accel.compile.cxxruntime import loaded_libstdcxx, share_libstdcxx
 from accel.errors import AccelError
+from accel.settings import Tuning
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,23 @@ class Backend(ABC):
     #: holds code only): other weights of the same graph are served without recompiling, and a weight
     #: edited in place is seen by the next call. False: the engine holds its own copy of the weights.
     binds_weights: bool = False
+    #: How stages are built beyond the defaults (:class:`accel.settings.Tuning`); only ``tunable``
+    #: backends take anything but the defaults (see :meth:`tuned`).
+    tuning: Tuning = Tuning()
+    tunable: bool = False
+
+    def tuned(self, tuning: Tuning) -> Backend:
+        """This backend building (and loading) stages with ``tuning``; itself when that is its tuning."""
+        if tuning == self.tuning:
+            return self
+        if not self.tunable:
+            raise BackendError(
+                f"backend {self.name!r} takes no tuning options ({tuning.describe()}); they apply to the "
+                "inductor and aot backends."
+            )
+        other = copy.copy(self)
+        other.tuning = tuning
+        return other
 
     def available(self) -> str | None:
         """``None`` when the backend can be used here; otherwise the reason and the fix."""
@@ -159,6 +178,7 @@ class InductorBackend(Backend):
     suffix = ".inductor"
     needs_module = True
     binds_weights = True
+    tunable = True
 
     def __init__(self, mode: str | None = None, regional: bool = False) -> None:
         self.mode = mode
@@ -167,14 +187,24 @@ class InductorBackend(Backend):
     def compile(
         self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False
     ) -> StageCallable:
-        mode = self.mode
+        how = self._how()
         repeated = _repeated_blocks(module) if self.regional else []
         if repeated:
             # Regional compilation: each repeated block compiles once and is reused (shorter cold start).
             for block in repeated:
-                block.compile(mode=mode, fullgraph=strict, dynamic=False)
+                block.compile(fullgraph=strict, dynamic=False, **how)
             return module
-        return torch.compile(module, mode=mode, fullgraph=strict, dynamic=False)
+        return torch.compile(module, fullgraph=strict, dynamic=False, **how)
+
+    def _how(self) -> dict[str, Any]:
+        """``torch.compile``'s ``mode`` or ``options`` (it takes one of them, not both)."""
+        options = self.tuning.inductor_options()
+        if options and self.mode is not None:
+            raise BackendError(
+                f"inductor mode {self.mode!r} and tuning ({self.tuning.describe()}) cannot be combined: "
+                "torch.compile takes a mode or options, not both."
+            )
+        return {"options": options} if options else {"mode": self.mode}
 
     def export(
         self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike[str]
@@ -195,7 +225,8 @@ class InductorBackend(Backend):
         if module is None:
             raise BackendError("the inductor backend compiles the stage module from its cache: pass module=.")
         torch.compiler.load_cache_artifacts(Path(path).read_bytes())
-        return torch.compile(module, mode=self.mode, dynamic=False)
+        # With the tuning the file was built with (the store passes it), or the cache would not match.
+        return torch.compile(module, dynamic=False, **self._how())
 
 
 def _fresh_cache_artifacts() -> Any:
@@ -235,6 +266,7 @@ class AOTBackend(Backend):
     suffix = ".pt2"
     needs_module = True
     binds_weights = True
+    tunable = True
 
     #: Child-process check of torch's package loader before the first CUDA load (see ``check_loader``).
     LOADER_CHECK = (
@@ -311,11 +343,23 @@ class AOTBackend(Backend):
     ) -> Path:
         import torch._inductor
 
+        on_cpu = all(t.device.type == "cpu" for t in (*example_inputs, *module.parameters()))
+        if self.tuning.autotune and on_cpu:
+            # Inductor's C++ GEMM templates pack the weights into new constants of the package, which then
+            # no longer reads the module's own weights (what makes an aot engine serve any weights).
+            raise BackendError(
+                "aot autotuning on CPU packs the weights into the package, which must hold code only: "
+                "export CPU engines without --tune (autotuning applies to GPU stages)."
+            )
         program = self._exported(module, example_inputs)
         # Every weight stays a constant bound at load: by default inductor inlines 1-d tensors of up to 8
         # values (biases and norm weights of narrow layers) into the generated code, which would then
         # keep the exported values whatever weights the package is bound to.
-        configs = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+        configs: dict[str, Any] = {
+            "aot_inductor.package_constants_in_so": False,
+            "always_keep_tensor_constants": True,
+            **self.tuning.inductor_options(),
+        }
         with atomic_path(path, suffix=".pt2") as tmp:  # AOTInductor wants a .pt2 name
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
         return Path(path)
@@ -598,14 +642,17 @@ BACKEND_NAMES: tuple[str, ...] = tuple(_BACKENDS)
 EXPORT_BACKENDS: tuple[str, ...] = ("aot", "inductor", "onnx", "tensorrt")
 
 
-def get_backend(name: str | Backend) -> Backend:
-    """The backend called ``name`` (a :class:`Backend` instance is returned as is)."""
+def get_backend(name: str | Backend, tuning: Tuning | None = None) -> Backend:
+    """The backend called ``name`` (a :class:`Backend` instance is returned as is), building stages with
+    ``tuning`` when given (:meth:`Backend.tuned`)."""
     if isinstance(name, Backend):
-        return name
-    factory = _BACKENDS.get(name)
-    if factory is None:
-        raise ValueError(f"unknown compile backend {name!r}; valid backends: {', '.join(BACKEND_NAMES)}.")
-    return factory()
+        backend = name
+    else:
+        factory = _BACKENDS.get(name)
+        if factory is None:
+            raise ValueError(f"unknown compile backend {name!r}; valid backends: {', '.join(BACKEND_NAMES)}.")
+        backend = factory()
+    return backend if tuning is None else backend.tuned(tuning)
 
 
 def compile_stage(

@@ -17,6 +17,9 @@ hold code only, ``inductor``, ``eager``: :attr:`Backend.binds_weights`) serve a 
 LoRA of the same architecture without recompiling, and the difference is reported (a log warning, and
 :meth:`EngineStore.check`'s notes). :meth:`EngineStore.validate` checks all of it before anything is
 loaded and refuses with every reason; ``rebuild=True`` recompiles instead.
+Engines of the tunable backends (``inductor``, ``aot``) record the tuning they were built with
+(``extra["tuning"]``, :class:`accel.settings.Tuning`): a run loads an engine with its own tuning, and an
+export asked for other tuning rebuilds it.
 Each entry also carries a digest of its own fields (``extra["digest"]``), so an edited manifest entry is
 refused too, and an export of a plan first records the keys it will write (``expected``), so an
 interrupted export is known as incomplete. Writes are atomic (temp file + ``os.replace``) and exports hold
@@ -50,6 +53,7 @@ from accel.compile.backends import Backend, StageCallable, get_backend
 from accel.compile.stage import TensorSpec
 from accel.errors import AccelError
 from accel.models.base import dtype_name
+from accel.settings import SettingsError, Tuning
 
 MANIFEST = "manifest.json"
 #: The lock file of older accel versions (the directory itself is locked now); inspect ignores it.
@@ -109,6 +113,8 @@ class EngineCheck:
 #: ``extra[WEIGHTS] == BOUND``: the engine reads the module's own weights when it runs (see ``binds_weights``).
 WEIGHTS = "weights"
 BOUND = "bound at load"
+#: ``extra`` key of the tuning a tunable backend built the engine with (:class:`accel.settings.Tuning`)
+TUNING = "tuning"
 
 
 def binds_weights(record: EngineRecord) -> bool:
@@ -139,6 +145,14 @@ def input_specs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor])
     """Name, shape and dtype of every input (names from the stage module when it has them)."""
     names = list(getattr(module, "input_names", ())) or [f"input_{i}" for i in range(len(example_inputs))]
     return [TensorSpec.of(n, t).to_dict() for n, t in zip(names, example_inputs, strict=True)]
+
+
+def record_tuning(record: EngineRecord) -> Tuning:
+    """The tuning an engine was built with (defaults for engines that record none)."""
+    try:
+        return Tuning.from_dict(record.extra.get(TUNING))
+    except SettingsError as exc:
+        raise EngineError(f"engine {record.key!r}: {exc}") from None
 
 
 def graph_fingerprint(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> str:
@@ -415,7 +429,11 @@ class EngineStore:
         impl.check_available()
         with self.lock():
             if not rebuild and not self.problems(key, impl, module, example_inputs):
-                return self.records()[key]
+                if record_tuning(self.records()[key]) == impl.tuning:
+                    return self.records()[key]
+                log.info(
+                    "engine %r: built with other tuning; rebuilding with %s", key, impl.tuning.describe()
+                )
             want = self.expected(impl, module, example_inputs)
             name = engine_file_name(key, impl)
             path = impl.export(module, example_inputs, self.directory / name)
@@ -428,6 +446,8 @@ class EngineStore:
                 extra={WEIGHTS: BOUND} if impl.binds_weights else {},
                 **want,
             )
+            if impl.tunable:
+                record.extra[TUNING] = impl.tuning.to_dict()
             record.extra["digest"] = record_digest(asdict(record))
             manifest = self.read_manifest()
             manifest["engines"][key] = asdict(record)
@@ -449,7 +469,9 @@ class EngineStore:
         if rebuild:
             self.export(key, impl, module, example_inputs)  # re-exports only what does not fit
         record = self.validate(key, impl, module, example_inputs)
-        return impl.load(self.directory / record.file, module=module)
+        # Loaded as it was built: the tuning is the engine's, whatever the caller's backend was given.
+        built = impl.tuned(record_tuning(record)) if impl.tunable else impl
+        return built.load(self.directory / record.file, module=module)
 
 
 def _shape_diff(built: list[dict[str, Any]], wanted: list[dict[str, Any]]) -> str:

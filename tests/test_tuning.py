@@ -1,0 +1,76 @@
+"""Tuned engines: the tuning is validated once, recorded in the manifest, shown by `accel inspect`, used
+again at load, and an export asked for other tuning rebuilds the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from accel.cli import app as cli
+from accel.cli.inspect import inspect_engines
+from accel.compile.backends import BackendError, InductorBackend, get_backend
+from accel.compile.store import EngineStore
+from accel.settings import SettingsError, Tuning
+
+KEY = "mlp.b2"
+INPUTS = (torch.linspace(-1, 1, 8).reshape(2, 4),)
+
+
+def _module() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).eval()
+
+
+def test_tuning_is_validated_and_names_inductor_options() -> None:
+    assert Tuning().inductor_options() == {} and Tuning().describe() == "default"
+    assert Tuning.full().inductor_options() == {
+        "conv_1x1_as_mm": True,
+        "coordinate_descent_tuning": True,
+        "max_autotune": True,
+    }
+    assert Tuning.from_dict(None) == Tuning()
+    assert Tuning.from_dict(Tuning.full().to_dict()) == Tuning.full()
+    with pytest.raises(SettingsError, match="fast_math are unknown"):
+        Tuning.from_dict({"fast_math": True})
+    with pytest.raises(SettingsError, match="autotune='yes' must be True or False"):
+        Tuning(autotune="yes")  # type: ignore[arg-type]
+
+
+def test_backends_that_take_no_tuning_refuse_it_and_inductor_refuses_a_mode_beside_it() -> None:
+    with pytest.raises(BackendError, match="'onnx' takes no tuning options .* inductor and aot"):
+        get_backend("onnx", Tuning.full())
+    assert get_backend("onnx", Tuning()).name == "onnx"
+    with pytest.raises(BackendError, match="mode 'max-autotune' and tuning"):
+        InductorBackend(mode="max-autotune").tuned(Tuning(coordinate_descent=True)).compile(_module(), INPUTS)
+    result = CliRunner().invoke(cli.app, ["export", "missing.plan.json", "--backend", "onnx", "--tune"])
+    assert result.exit_code == 2 and "takes no tuning options" in " ".join(result.output.split())
+
+
+def test_a_tuned_aot_engine_is_recorded_shown_loaded_as_built_and_rebuilt_for_other_tuning(
+    tmp_path: Path,
+) -> None:
+    module, directory = _module(), tmp_path / "engines"
+    store = EngineStore(directory)
+    # On CPU, autotuning's GEMM templates would pack the weights into the package: refused with the reason.
+    with pytest.raises(BackendError, match="export CPU engines without --tune"):
+        store.export(KEY, get_backend("aot", Tuning.full()), module, INPUTS)
+    tuning = Tuning(conv_1x1_as_mm=True, coordinate_descent=True)
+    with torch.no_grad():
+        tuned = store.export(KEY, get_backend("aot", tuning), module, INPUTS)
+        assert tuned.extra["tuning"] == tuning.to_dict()
+        # A run's plain backend loads the engine with the tuning it was built with.
+        fn = store.load(KEY, "aot", module, INPUTS)
+        (out,) = fn(*INPUTS)  # a stage callable returns its outputs as a tuple
+        torch.testing.assert_close(out, module(*INPUTS), rtol=1e-5, atol=1e-6)
+        (entry,) = inspect_engines(directory)["engines"]
+        assert entry["tuning"] == tuning.to_dict() and not entry["problems"]
+        table = CliRunner().invoke(cli.app, ["inspect", str(directory)], env={"COLUMNS": "250"})
+        assert table.exit_code == 0 and "conv_1x1_as_mm, coordinate_descent" in table.output
+        # The same tuning keeps the engine; other tuning rebuilds it.
+        assert store.export(KEY, get_backend("aot", tuning), module, INPUTS) == tuned
+        plain = store.export(KEY, "aot", module, INPUTS)
+    assert plain.extra["tuning"] == Tuning().to_dict() and plain.created >= tuned.created
+    assert EngineStore(directory).records()[KEY] == plain
