@@ -44,3 +44,27 @@ def test_bench_refuses_bad_input(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["bench", "--report", str(tmp_path / "nope.json")])
     assert missing.exit_code == 1 and "no such result file" in missing.output
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_expert_baseline_applies_the_recipe_and_puts_the_pipeline_back() -> None:
+    import torch
+
+    from accel.bench.speed import RECIPE_INDUCTOR, _expert_compiled
+    from accel.testing import build_pipeline
+
+    pipe = build_pipeline("sdxl")
+    unet, vae = pipe.unet, pipe.vae
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    conv = next(p for p in unet.parameters() if p.dim() == 4)
+    with _expert_compiled(pipe):
+        import torch._inductor.config as inductor_config
+
+        assert all(getattr(inductor_config, k) == v for k, v in RECIPE_INDUCTOR.items())
+        assert pipe.unet is not unet and "decode" in vars(vae)  # both compiled (lazily)
+        assert any("to_qkv" in name for name, _ in unet.named_parameters())  # q/k/v fused
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert pipe.unet is unet and "decode" not in vars(vae)
+    assert not any("to_qkv" in name for name, _ in unet.named_parameters())
+    assert conv.is_contiguous()
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -4,11 +4,15 @@ Configurations (letters as in ``docs/benchmarks/README.md``):
 
 - ``A``: diffusers eager on one GPU, as a user runs it;
 - ``B``: diffusers with ``torch.compile(denoiser, mode="reduce-overhead", fullgraph=True)`` on one GPU;
+- ``B*``: what an expert user runs on one GPU: diffusers with the math-preserving recipe of the PyTorch
+  "accelerating generative AI" study applied by hand (fused q/k/v projections, channels-last denoiser and
+  VAE, inductor's ``conv_1x1_as_mm`` and coordinate-descent tuning) and ``torch.compile`` of the denoiser
+  and the VAE decoder with ``mode="max-autotune"``;
 - ``C``: accel CFG split, eager, 2 GPUs;
 - ``D``: accel CFG split with each compiled backend of ``backends``, 2 GPUs;
 - ``E``: accel hybrid with the first of ``backends``, 2 GPUs, once per window guidance mode.
 
-``A`` and ``B`` run in this process on the first GPU; ``C``-``E`` in one launch of 2 worker processes
+``A``, ``B`` and ``B*`` run in this process on the first GPU; ``C``-``E`` in one launch of 2 worker processes
 afterwards, so every ratio is measured on the same machine in the same run. Each configuration gets one
 short and one full warm-up call (compilation, CUDA-graph capture, planning; the first call's time is
 reported as ``first_call_s``), then ``repeat`` timed calls: end to end (text encoding to decoded image,
@@ -53,7 +57,9 @@ from accel.wrapper import find_denoiser, unwrap
 
 log = logging.getLogger(__name__)
 
-CONFIGS: tuple[str, ...] = ("A", "B", "C", "D", "E")
+CONFIGS: tuple[str, ...] = ("A", "B", "B*", "C", "D", "E")
+#: The single-GPU baselines every configuration's speed-up is reported against.
+BASELINES: tuple[str, ...] = ("A", "B", "B*")
 WINDOW_MODES: tuple[str, ...] = ("reference", "cached", "off")
 GUIDANCE: dict[str, float] = {"sdxl": 5.0, "sd3": 7.0}
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
@@ -240,8 +246,61 @@ def _compiled_denoiser(pipe: Any) -> Iterator[None]:
         setattr(pipe, name, original)
 
 
+#: Inductor settings of the recipe (B*): all exact up to floating-point reordering.
+RECIPE_INDUCTOR = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "epilogue_fusion": False,
+}
+
+
+@contextlib.contextmanager
+def _expert_compiled(pipe: Any) -> Iterator[None]:
+    """Configuration B*: the recipe applied by hand to the whole denoiser and the VAE, then
+    ``torch.compile``; everything put back afterwards (projections unfused, contiguous weights)."""
+    import torch._inductor.config as inductor_config
+
+    name = _denoiser_name(pipe)
+    original, vae = getattr(pipe, name), pipe.vae
+    fusable = [m for m in (original, vae) if hasattr(m, "fuse_qkv_projections")]
+    mode = None if original.device.type == "cpu" else "max-autotune"
+    for module in fusable:
+        module.fuse_qkv_projections()
+    for module in (original, vae):
+        module.to(memory_format=torch.channels_last)
+    try:
+        # Compilation happens at the first call, inside this patch.
+        with inductor_config.patch(RECIPE_INDUCTOR):
+            setattr(pipe, name, torch.compile(original, mode=mode, fullgraph=True))
+            vae.decode = torch.compile(vae.decode, mode=mode, fullgraph=True)
+            yield
+    finally:
+        setattr(pipe, name, original)
+        vars(vae).pop("decode", None)  # the class's own decode again
+        for module in (original, vae):
+            module.to(memory_format=torch.contiguous_format)
+        for module in fusable:
+            module.unfuse_qkv_projections()
+            _drop_fused_projections(module)
+
+
+#: The modules diffusers' ``fuse_projections`` adds beside q/k/v (``unfuse_qkv_projections`` keeps them).
+_FUSED = ("to_qkv", "to_kv", "to_added_qkv")
+
+
+def _drop_fused_projections(model: torch.nn.Module) -> None:
+    """Remove the fused projections left after unfusing, so the model holds its own weights only again."""
+    for module in model.modules():
+        for name in _FUSED:
+            if name in module._modules:
+                del module._modules[name]
+        if getattr(module, "fused_projections", False):
+            module.fused_projections = False
+
+
 def single_gpu(s: SuiteSettings) -> dict[str, Measured]:
-    """Configurations A and B in this process (first GPU, or the CPU with ``tiny``)."""
+    """Configurations A, B and B* in this process (first GPU, or the CPU with ``tiny``)."""
     device = torch.device("cpu") if s.tiny else torch.device("cuda", 0)
     pipe = _pipeline(s, device)
     denoiser = getattr(pipe, _denoiser_name(pipe))
@@ -253,6 +312,10 @@ def single_gpu(s: SuiteSettings) -> dict[str, Measured]:
         with _compiled_denoiser(pipe):
             # Timed on the compiled wrapper: a hook on the inner module would be traced into the graph.
             out["B"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B", device)
+        torch._dynamo.reset()
+    if "B*" in s.configs:
+        with _expert_compiled(pipe):
+            out["B*"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B*", device)
     del pipe, denoiser
     torch._dynamo.reset()
     gc.collect()
@@ -404,9 +467,9 @@ def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None
 
 
 def _ratios(configs: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Speed-ups of every configuration over A and over B (loop and end to end)."""
+    """Speed-ups of every configuration over each baseline (A, B, B*; loop and end to end)."""
     out: dict[str, dict[str, float]] = {}
-    for base in ("A", "B"):
+    for base in BASELINES:
         if base not in configs:
             continue
         for name, entry in configs.items():

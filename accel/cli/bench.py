@@ -49,7 +49,7 @@ def bench(
     height: int = typer.Option(1024, "--height", min=8, help="Speed suite: image height in pixels."),
     width: int = typer.Option(1024, "--width", min=8, help="Speed suite: image width in pixels."),
     repeat: int = typer.Option(3, "--repeat", min=1, help="Speed suite: timed calls per configuration."),
-    configs: str = typer.Option("A,B,C,D,E", "--configs", help="Speed suite: subset of A,B,C,D,E."),
+    configs: str = typer.Option("A,B,B*,C,D,E", "--configs", help="Speed suite: subset of A,B,B*,C,D,E."),
     backends: str = typer.Option(
         "inductor", "--backends", help="Speed suite: compiled backends for D (each) and E (the first)."
     ),
