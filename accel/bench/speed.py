@@ -296,7 +296,7 @@ def _drop_fused_projections(model: torch.nn.Module) -> None:
             if name in module._modules:
                 del module._modules[name]
         if getattr(module, "fused_projections", False):
-            module.fused_projections = False
+            setattr(module, "fused_projections", False)  # noqa: B010  (a plain attribute, not a submodule)
 
 
 def single_gpu(s: SuiteSettings) -> dict[str, Measured]:
