@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import pickle
 import tempfile
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class Accelerator:
         external = launched_environment() is not None
         if function is None or external:
             if self._fabric is None:
+                _join_restarted_group(self.settings, self._accelerator)
                 fabric = self._make_fabric(spawn=False)
                 fabric.launch()
                 self._attach(fabric)
@@ -266,6 +268,33 @@ def _launcher_layout(settings: AccelSettings) -> AccelSettings:
         settings.num_nodes,
     )
     return settings.replace(devices=layout[0], num_nodes=layout[1])
+
+
+def _join_restarted_group(settings: AccelSettings, accelerator: str) -> None:
+    """In a worker group the launcher restarted (``--max-restarts``), join the process group through a
+    store of this attempt's own.
+
+    torch's static rendezvous (what ``accel run``/``accel serve`` launch with) keeps one key-value store
+    across restarts and, unlike its other rendezvous, adds no per-attempt prefix: a restarted group would
+    read the dead group's keys (the collectives' peer addresses, accel's failure records, the server's
+    batches) and fail at random. Fabric joins a process group that already exists as it is.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or settings.world_size == 1 or dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=settings.collective_timeout_s)
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(address, port, is_master=False, timeout=timeout)
+    if accelerator == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        "nccl" if accelerator == "cuda" else "gloo",
+        store=dist.PrefixStore(f"accel/attempt_{attempt}/", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
+    log.info("joined restarted worker group (attempt %d)", attempt)
 
 
 def resolve_accelerator(settings: AccelSettings) -> str:

@@ -1,6 +1,7 @@
 """`accel serve`: real servers (uvicorn on 127.0.0.1, 2 gloo workers, the tiny SDXL pipeline) driven by a real
 HTTP client and a headless Chromium. Images equal `accel run`'s for the same seed, batched or not; bad input
-gets a 4xx naming the field; a full queue gets 429; SIGTERM drains; a killed worker ends the server.
+gets a 4xx naming the field; a full queue gets 429; SIGTERM drains; a killed worker ends the server, or,
+with --max-restarts, the worker group comes back and serves again.
 
 Two servers start at once when the module starts (one is killed by the last test), together with the
 `accel run` whose images are the reference."""
@@ -428,3 +429,29 @@ def test_serve_refuses_bad_command_lines(tmp_path) -> None:
             result = runner.invoke(cli.app, [*args, "--accelerator", "cpu"])
             assert result.exit_code == 2, (args, result.output)
             assert message in " ".join(result.output.split()), (args, result.output)
+
+
+def test_max_restarts_brings_a_killed_worker_group_back(tmp_path) -> None:
+    restarting = Server([*SERVER_ARGS, "--max-restarts", "1"], tmp_path)
+    try:
+        restarting.wait_ready()
+        first = restarting.workers()
+        os.kill(first[1], signal.SIGKILL)  # rank 1
+        deadline = time.monotonic() + TIMEOUT_S + 60
+        while time.monotonic() < deadline:  # down first: the group fails, then it is started again
+            try:
+                if httpx.get(f"{restarting.url}/health", timeout=5).status_code != 200:
+                    break
+            except httpx.TransportError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the server never went down after a worker was killed")
+        restarting.wait_ready()
+        again = restarting.workers()
+        assert len(again) == 2 and not set(again) & set(first)  # a new group: every worker restarted
+        (image,) = _images(_generate(restarting, size="64x64", seed=SEED))
+        assert image.shape == (64, 64, 3)
+        assert restarting.process.poll() is None
+    finally:
+        restarting.stop()
