@@ -234,10 +234,10 @@ def _tuning_entry(record: Any) -> dict[str, bool] | None:
 
 
 def _tuning_cell(entry: dict[str, Any]) -> str:
+    from accel.settings import Tuning
+
     tuning = entry.get("tuning")
-    if tuning is None:
-        return "-"
-    return ", ".join(name for name, on in tuning.items() if on) or "default"
+    return "-" if tuning is None else Tuning.from_dict(tuning).describe()
 
 
 def _print_engines(console: Console, info: dict[str, Any]) -> None:

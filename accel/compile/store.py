@@ -429,8 +429,9 @@ class EngineStore:
         impl.check_available()
         with self.lock():
             if not rebuild and not self.problems(key, impl, module, example_inputs):
-                if record_tuning(self.records()[key]) == impl.tuning:
-                    return self.records()[key]
+                kept = self.records()[key]
+                if record_tuning(kept) == impl.tuning:
+                    return kept
                 log.info(
                     "engine %r: built with other tuning; rebuilding with %s", key, impl.tuning.describe()
                 )
