@@ -86,7 +86,9 @@ def export(
     """``accel export`` the case's plan once per backend into ``work/engines-<backend>``, the exports side
     by side (each compiles on the CPU for minutes); each one's wall time and exit code. A directory that
     already holds a manifest is used as it is (``"reused"``): ``accel run`` checks it before use."""
-    reused = [b for b in backends if (work / f"engines-{b}" / "manifest.json").is_file()]
+    from accel.compile.store import MANIFEST  # deferred: it imports torch; `accel --help` imports this
+
+    reused = [b for b in backends if (work / f"engines-{b}" / MANIFEST).is_file()]
     backends = [b for b in backends if b not in reused]
     done: list[dict[str, Any]] = [{"backend": b, "reused": True} for b in reused]
     if not backends:
