@@ -1,9 +1,12 @@
-"""Atomic file writes: readers see the old file or the whole new one, never half of it."""
+"""Atomic file writes (readers see the old file or the whole new one, never half of it) and file locks."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,3 +63,21 @@ def unwritable_reason(path: str | os.PathLike[str]) -> str | None:
     except OSError as exc:
         return f"cannot write under {existing} ({exc.strerror or type(exc).__name__})"
     return None
+
+
+def acquire_flock(fd: int, timeout: float, *, poll: float = 0.05) -> bool:
+    """Take an exclusive ``flock`` on ``fd``, waiting up to ``timeout`` seconds; whether it was taken.
+
+    Polled (``LOCK_NB``) rather than blocking, so a holder that never lets go costs a timeout, not a hang.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)

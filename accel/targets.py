@@ -18,7 +18,6 @@ import torch
 from accel.plan import Plan, PlanError, load_plan
 from accel.request import RequestError
 from accel.source import DEMOS, ModelSource, SourceError
-from accel.testing import build_pipeline
 from accel.wrapper import find_denoiser
 
 #: The pipeline components that can be the denoiser, in the order they are looked for.
@@ -259,6 +258,8 @@ def load_components(
 
 def _builtin_pipeline(source: ModelSource, *, dtype: Any, device: Any) -> Any:
     """The tiny demo or full-size random-weight pipeline a ``demo``/``arch`` source names."""
+    from accel.testing import build_pipeline  # deferred: the demo builders import every model class
+
     kwargs: dict[str, Any] = {"device": device}
     if dtype is not None:
         kwargs["dtype"] = dtype

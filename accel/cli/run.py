@@ -13,6 +13,7 @@ from rich.table import Table
 
 from accel.cli import options
 from accel.cli.common import fail, set_verbosity
+from accel.compile.loader_check import start_background_check
 from accel.errors import AccelError
 from accel.launch import LaunchError, launch_function, launch_script
 from accel.request import DEFAULT_PROMPT, GenerationRequest, RequestError
@@ -100,6 +101,8 @@ def run(
     ),
 ) -> None:
     entered = time.time()  # start-up milestones for `--json` (accel bench --startup splits its time)
+    # The engines' loader check runs beside this process's own imports (torch, diffusers).
+    checking = start_background_check(engines)  # noqa: F841  (held while it runs)
     # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
     from accel.jobs import Layout, generation_job, script_layout
     from accel.targets import resolve_target

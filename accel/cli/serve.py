@@ -10,6 +10,7 @@ from rich.console import Console
 
 from accel.cli import options
 from accel.cli.common import fail, set_verbosity
+from accel.compile.loader_check import start_background_check
 from accel.errors import AccelError
 from accel.request import GenerationRequest
 
@@ -82,6 +83,8 @@ def serve(
         False, "--verbose", "-v", help="Log the workers' steps and every HTTP request."
     ),
 ) -> None:
+    # The engines' loader check runs beside this process's own imports (torch, diffusers).
+    checking = start_background_check(engines)  # noqa: F841  (held while it runs)
     # Deferred: these import torch and diffusers, which `accel --help` must not wait for.
     from accel.jobs import Layout
     from accel.serve import require_extra

@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ import torch
 
 from accel.atomic import atomic_path, write_text_atomic
 from accel.compile.cxxruntime import loaded_libstdcxx, share_libstdcxx
+from accel.compile.loader_check import MARKER_PREFIX, cache_folder, check_lock
 from accel.errors import AccelError
 from accel.settings import Tuning
 
@@ -287,14 +289,19 @@ class AOTBackend(Backend):
         would kill the rank with no message; checked in a child first, it is an error that names the cause
         and the fix. The outcome is kept for this backend instance, and a passed check is remembered in
         accel's cache folder (:func:`loader_check_marker`) so later processes of the same interpreter and
-        torch build skip the child (it costs a second interpreter start and torch import).
+        torch build skip the child (it costs a second interpreter start and torch import). Processes of
+        one machine take turns (:mod:`accel.compile.loader_check`), so one check serves them all.
         """
         if not self._loader_checked:
             marker = loader_check_marker(self.LOADER_CHECK)
             if not marker.exists():
-                self._loader_problem = self._load_in_child(path, device_index, timeout)
-                if self._loader_problem is None:
-                    _remember(marker)
+                # Another process of this machine may be checking now (a rank, or the check `accel run`
+                # started in the background): wait for its verdict instead of checking beside it.
+                with check_lock(timeout):
+                    if not marker.exists():
+                        self._loader_problem = self._load_in_child(path, device_index, timeout)
+                        if self._loader_problem is None:
+                            _remember(marker)
             self._loader_checked = True
         if self._loader_problem is not None:
             raise BackendError(self._loader_problem)
@@ -411,20 +418,34 @@ def load_aoti_package(path: str | os.PathLike[str], device_index: int) -> Any:
 
 def loader_check_marker(check: str) -> Path:
     """Where a passed AOTInductor loader check is remembered: a file in accel's cache folder
-    (``$ACCEL_CACHE_DIR``, else ``$XDG_CACHE_HOME/accel``, else ``~/.cache/accel``) named by a hash of
-    the interpreter, the torch build, the C++ runtime it loaded and the check itself."""
-    base = os.environ.get("ACCEL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "accel"
-    )
+    (:func:`accel.compile.loader_check.cache_folder`) named by a hash of the interpreter, the torch build,
+    the C++ runtime it loaded and the check itself (the file holds the first two, see ``_remember``)."""
     identity = [sys.executable, torch.__version__, str(torch.version.cuda), loaded_libstdcxx() or "", check]
     digest = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
-    return Path(base) / f"aot-loader-ok-{digest}"
+    return cache_folder() / f"{MARKER_PREFIX}{digest}"
+
+
+def check_loader_here(path: str | os.PathLike[str]) -> None:
+    """The background check (:data:`accel.compile.loader_check.BACKGROUND_CHECK`): open the CUDA package
+    ``path`` in this process, as ``AOTBackend.LOADER_CHECK`` does in its child, and remember the pass.
+
+    A crash ends this process and leaves no marker: the worker then checks for itself and reports why.
+    """
+    marker = loader_check_marker(AOTBackend.LOADER_CHECK)
+    if marker.exists() or not torch.cuda.is_available():
+        return
+    load_aoti_package(path, 0)
+    _remember(marker)
 
 
 def _remember(marker: Path) -> None:
+    """Leave ``marker``, naming the interpreter and torch build it is for (what a process that has not
+    imported torch yet can compare: :func:`accel.compile.loader_check.probably_checked`)."""
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+        write_text_atomic(
+            marker, json.dumps({"executable": sys.executable, "torch": torch.__version__}) + "\n"
+        )
     except OSError as exc:  # an unwritable cache only costs the check again next time
         logger.debug("could not write %s: %s", marker, exc)
 

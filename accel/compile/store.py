@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +46,7 @@ from typing import Any
 
 import torch
 
-from accel.atomic import write_text_atomic
+from accel.atomic import acquire_flock, write_text_atomic
 from accel.compile.backends import Backend, StageCallable, get_backend
 from accel.compile.stage import TensorSpec
 from accel.errors import AccelError
@@ -272,20 +270,11 @@ class EngineStore:
         path = self.directory
         fd = os.open(path, os.O_RDONLY)
         try:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise EngineError(
-                            f"another export has held the lock on {path} for more than {self.lock_timeout:g} s; "
-                            "wait for it to finish (or pass a longer lock timeout)."
-                        ) from None
-                    time.sleep(0.05)
+            if not acquire_flock(fd, self.lock_timeout):
+                raise EngineError(
+                    f"another export has held the lock on {path} for more than {self.lock_timeout:g} s; "
+                    "wait for it to finish (or pass a longer lock timeout)."
+                )
             try:
                 yield
             finally:
