@@ -227,15 +227,16 @@ def check_engines(
 
     from accel.compile.engines import stage_jobs
     from accel.settings import PRECISIONS
-    from accel.targets import load_denoiser
+    from accel.targets import denoiser_structure, load_denoiser
 
     plan = target.plan
     assert plan is not None and target.source is not None
-    denoiser, _ = load_denoiser(
-        target.source,
-        dtype=PRECISIONS[precision or plan.dtype],
-        device=device,
-    )
+    dtype = PRECISIONS[precision or plan.dtype]
+    # An engine that binds the weights at load fits any weights of its graph: the graph is checked on the
+    # meta device, without reading the weights that the workers are about to load anyway.
+    denoiser = denoiser_structure(target.source, dtype=dtype) if get_backend(backend).binds_weights else None
+    if denoiser is None:
+        denoiser, _ = load_denoiser(target.source, dtype=dtype, device=device)
     store = EngineStore(engines)
     problems: list[str] = []
     try:
@@ -243,7 +244,7 @@ def check_engines(
             for job in stage_jobs(plan, denoiser):
                 if job.phase == "window" and strategy != "hybrid":
                     continue  # a cfg run uses the whole-denoiser stages only
-                found = store.problems(job.key, backend, job.module, job.example_inputs)
+                found = store.problems(job.key, backend, job.module, job.example_inputs, device=device)
                 problems += [f"engine {job.key!r}: {p}" for p in found]
     except EngineError as exc:
         raise RequestError(str(exc)) from None

@@ -215,6 +215,27 @@ def load_denoiser(source: ModelSource, *, dtype: Any, device: str) -> tuple[Any,
     return denoiser, scale
 
 
+def denoiser_structure(source: ModelSource, *, dtype: Any) -> Any | None:
+    """The denoiser of the model folder ``source`` built from its config on the meta device: its graph
+    (module tree, parameter shapes and dtypes, stage inputs) without reading a weight. ``None`` where that
+    would not be the graph a real load gives (demo and architecture sources are built by code; a model
+    that keeps some modules in float32 whatever the dtype), or the folder names no known denoiser."""
+    if source.is_builtin:
+        return None
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(source.location)
+    component = next((name for name in DENOISERS if isinstance(index.get(name), list | tuple)), None)
+    cls = getattr(diffusers, index[component][1], None) if component is not None else None
+    if cls is None or getattr(cls, "_keep_in_fp32_modules", None):
+        return None
+    config = cls.load_config(source.location, subfolder=component)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return model.to(dtype).eval()
+
+
 def load_components(
     source: ModelSource, *, dtype: Any, device: str, vae: bool
 ) -> tuple[Any, int, Any | None]:

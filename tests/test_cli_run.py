@@ -284,3 +284,56 @@ def test_run_loads_an_sd3_folder_saved_without_its_t5_encoder(runner, tmp_path) 
     assert result.exit_code == 0, result.output
     side = pipe.default_sample_size * pipe.vae_scale_factor
     assert Image.open(out).size == (side, side)
+
+
+def test_the_pre_launch_engine_check_reads_no_weights_for_engines_that_bind_them(
+    runner, tmp_path, monkeypatch
+) -> None:
+    """Engines that bind the weights at load (eager, inductor, aot) are checked before launch against the
+    folder's denoiser built on the meta device: the same graphs and shapes as a real load, no weight read
+    (the workers load them next). A graph change is still refused there."""
+    import torch
+
+    from accel import targets
+    from accel.compile.engines import export_plan, stage_jobs
+    from accel.compile.store import graph_fingerprint, input_specs
+    from accel.jobs import check_engines
+    from accel.plan import load_plan
+    from accel.request import RequestError
+    from accel.testing import build_pipeline
+
+    folder = tmp_path / "sd3"
+    build_pipeline("sd3").save_pretrained(folder)
+    plan = tmp_path / "sd3.plan.json"
+    args = ["plan", str(folder), "--height", "64", "--width", "64", "--devices", "2", "--warmup", "0"]
+    made = runner.invoke(cli.app, [*args, "--repeat", "1", "-o", str(plan)])
+    assert made.exit_code == 0, made.output
+    target = targets.resolve_target(str(plan), None)
+    real, _ = targets.load_denoiser(target.source, dtype=torch.float32, device="cpu")
+    structure = targets.denoiser_structure(target.source, dtype=torch.float32)
+    assert structure is not None and all(p.device.type == "meta" for p in structure.parameters())
+
+    def graphs(model: torch.nn.Module) -> dict[str, tuple[str, list]]:
+        return {
+            j.key: (graph_fingerprint(j.module, j.example_inputs), input_specs(j.module, j.example_inputs))
+            for j in stage_jobs(load_plan(plan), model)
+        }
+
+    assert graphs(structure) == graphs(real) and len(graphs(real)) > 1  # the whole denoiser and windows
+    engines = tmp_path / "engines"
+    with torch.no_grad():
+        export_plan(load_plan(plan), real, "eager", engines)
+
+    def no_weights(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the pre-launch check of binding engines reads no weights")
+
+    monkeypatch.setattr(targets, "load_denoiser", no_weights)
+    check_engines(target, engines, "eager", None, "cpu", "hybrid")  # fits, from the config alone
+    manifest = engines / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["engines"]["cfg.full.64x64.b1"]["graph_fingerprint"] = "0" * 16
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(RequestError) as refused:
+        check_engines(target, engines, "eager", None, "cpu", "hybrid")
+    message = str(refused.value)
+    assert "engine 'cfg.full.64x64.b1'" in message and "graph differs" in message

@@ -292,16 +292,33 @@ class EngineStore:
 
     # -- checks -------------------------------------------------------------------------------------
     def expected(
-        self, backend: Backend, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
+        self,
+        backend: Backend,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        device: str | torch.device | None = None,
     ) -> dict[str, Any]:
-        """What a fitting record must say for this backend, stage and inputs, in this environment."""
+        """What a fitting record must say for this backend, stage and inputs, in this environment.
+
+        ``device``: where the stage will run, for a stage given on the meta device (its graph without its
+        weights; the weights fingerprint is then ``None``: unknown).
+        """
+        where = device_of(module, example_inputs)
+        structure_only = where.type == "meta"
+        if structure_only:
+            if device is None:
+                raise ValueError("a stage on the meta device needs device=: where it will run.")
+            where = torch.device(device)
+            if where.type == "cuda" and where.index is None:
+                where = torch.device("cuda", torch.cuda.current_device())
         return {
             "backend": backend.name,
             "graph_fingerprint": graph_fingerprint(module, example_inputs),
-            "weights_fingerprint": module_weights_fingerprint(module),
+            "weights_fingerprint": None if structure_only else module_weights_fingerprint(module),
             "inputs": input_specs(module, example_inputs),
-            "device_type": device_of(module, example_inputs).type,
-            "compute_capability": compute_capability(device_of(module, example_inputs)),
+            "device_type": where.type,
+            "compute_capability": compute_capability(where),
             "versions": versions(backend),
         }
 
@@ -311,20 +328,25 @@ class EngineStore:
         backend: str | Backend,
         module: torch.nn.Module,
         example_inputs: Sequence[torch.Tensor],
+        *,
+        device: str | torch.device | None = None,
     ) -> EngineCheck:
         """What refuses engine ``key`` for this stage here (``problems``) and what is only reported
-        (``notes``: built for other weights, which this backend binds at load)."""
+        (``notes``: built for other weights, which this backend binds at load). A stage on the meta
+        device (``device``: where it will run) is checked for everything but its weights."""
         impl = get_backend(backend)
         engines = self.read_manifest()["engines"]
         if key not in engines:
             return EngineCheck(key, None, [f"no engine {key!r} in {self.manifest_path}"], [])
         record = EngineRecord.from_dict({**engines[key], "key": key})
-        want = self.expected(impl, module, example_inputs)
+        want = self.expected(impl, module, example_inputs, device=device)
         problems: list[str] = self.entry_problems(key)
         notes: list[str] = []
         if record.backend != want["backend"]:
             problems.append(f"built with backend {record.backend!r}, this run uses {want['backend']!r}")
-        if record.weights_fingerprint != want["weights_fingerprint"]:
+        if want["weights_fingerprint"] is None:
+            pass  # weights not read (a structure check): the loading process compares them
+        elif record.weights_fingerprint != want["weights_fingerprint"]:
             weights = (
                 f"built for other weights (weights fingerprint differs: built {record.weights_fingerprint}, "
                 f"now {want['weights_fingerprint']})"
@@ -374,9 +396,11 @@ class EngineStore:
         backend: str | Backend,
         module: torch.nn.Module,
         example_inputs: Sequence[torch.Tensor],
+        *,
+        device: str | torch.device | None = None,
     ) -> list[str]:
         """Every reason the engine ``key`` cannot be used for this stage here (empty: it fits)."""
-        return self.check(key, backend, module, example_inputs).problems
+        return self.check(key, backend, module, example_inputs, device=device).problems
 
     def validate(
         self,

@@ -70,7 +70,9 @@ def _error(
 
 def _png_base64(image: Any) -> str:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    # zlib level 1, not PIL's 6: still lossless, 4-5x faster on a 1024² image (~0.9 s at level 6 on a slow
+    # core, a large part of a GPU request's latency) for files ~20% larger.
+    image.save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
