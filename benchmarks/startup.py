@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="model folder, plan, engines and images")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="fresh runs per mode (the table shows the median)"
+    )
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output stem (.json/.md/.png)")
@@ -46,7 +49,8 @@ def main() -> None:
     prepare(folder, plan, size=args.size, device=args.device, log=log)
     case = StartupCase(target=str(plan), plan=str(plan), steps=args.steps)
     # Saved after every mode, so a run cut short still leaves what it measured.
-    suite(case, [m for m in args.modes.split(",") if m], work, log, lambda r: save(r, args.output))
+    modes = [m for m in args.modes.split(",") if m]
+    suite(case, modes, work, log, lambda r: save(r, args.output), repeat=args.repeat)
     print(Path(args.output).with_suffix(".md").read_text(), flush=True)
 
 

@@ -22,6 +22,8 @@ def test_startup_suite_times_a_real_run(tmp_path: Path) -> None:
         "eager",
         "--steps",
         "2",
+        "--repeat",
+        "1",
         "--work",
         str(tmp_path / "w"),
     ]
@@ -43,3 +45,44 @@ def test_startup_suite_times_a_real_run(tmp_path: Path) -> None:
     assert 0 < run["total_s"] <= run["process_s"]
     assert "| eager |" in stem.with_suffix(".md").read_text()
     assert stem.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_table_shows_each_modes_median_run_and_the_spread() -> None:
+    from accel.bench.startup import PARTS, markdown, typical_runs
+
+    def run(mode: str, total: float) -> dict:
+        parts = dict.fromkeys(PARTS, 0.0)
+        parts["prepare"] = total
+        return {
+            "mode": mode,
+            "total_s": total,
+            "parts_s": parts,
+            "first_call_ms_per_step": 1.0,
+            "warm_call_ms_per_step": 1.0,
+            "loaded_stages": 2,
+            "compiled_stages": 0,
+        }
+
+    result = {
+        "case": {"target": "p.json", "devices": 1, "steps": 50, "precision": "fp16"},
+        "environment": {"gpus": 1, "gpu": "GPU"},
+        "versions": {"torch": "t", "diffusers": "d"},
+        "date": "today",
+        "exports": [],
+        "runs": [
+            run("aot", 21.0),
+            run("aot", 19.0),
+            run("aot", 25.0),
+            run("eager", 23.0),
+            run("eager", 24.0),
+        ],
+    }
+    typical = typical_runs(result)
+    assert [(r["mode"], r["total_s"], r["totals_s"]) for r in typical] == [
+        ("aot", 21.0, [21.0, 19.0, 25.0]),
+        ("eager", 23.0, [23.0, 24.0]),  # of an even count, the lower middle
+    ]
+    table = markdown(result)
+    assert "| aot | 21.0 | 3: 19.0-25.0 |" in table and "| eager | 23.0 | 2: 23.0-24.0 |" in table
+    result["runs"].append({"mode": "inductor", "error": "no JSON summary (see the log)"})
+    assert "| inductor | failed: no JSON summary (see the log) |" in markdown(result)

@@ -175,10 +175,13 @@ def suite(
     work: Path,
     log: Path,
     on_progress: Callable[[dict[str, Any]], object] | None = None,
+    *,
+    repeat: int = 1,
 ) -> dict[str, Any]:
-    """Export the engines the modes need, then time every mode once, in order, in fresh processes.
+    """Export the engines the modes need, then time every mode ``repeat`` times, in order, each time in a
+    fresh process (start-up varies by seconds from one process to the next: imports, CUDA set-up).
 
-    ``on_progress(result)`` is called after the exports and after each mode with the result so far.
+    ``on_progress(result)`` is called after the exports and after each run with the result so far.
     """
     from accel.bench.speed import environment, versions
 
@@ -193,9 +196,10 @@ def suite(
         "runs": [],
     }
     for mode in modes:
-        if on_progress is not None:
-            on_progress(result)
-        result["runs"].append(measure(case, mode, work, env, log))
+        for attempt in range(repeat):
+            if on_progress is not None:
+                on_progress(result)
+            result["runs"].append({**measure(case, mode, work, env, log), "attempt": attempt})
     if on_progress is not None:
         on_progress(result)
     return result
@@ -213,8 +217,25 @@ def prepare(folder: Path, plan: Path, *, size: int | None, device: str, log: Pat
         raise RuntimeError(f"accel plan {folder} failed (exit {code}); see {log}.")
 
 
+def typical_runs(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One run per mode, in order: the median of its runs by total time (a failed run where one failed),
+    with ``totals_s``: every run's total, for the spread."""
+    by_mode: dict[str, list[dict[str, Any]]] = {}
+    for run in result["runs"]:
+        by_mode.setdefault(run["mode"], []).append(run)
+    typical = []
+    for runs in by_mode.values():
+        failed = [r for r in runs if "error" in r]
+        if failed:
+            typical.append(failed[0])
+            continue
+        ordered = sorted(runs, key=lambda r: r["total_s"])
+        typical.append({**ordered[(len(ordered) - 1) // 2], "totals_s": [r["total_s"] for r in runs]})
+    return typical
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The start-up table: one row per mode, total and parts in seconds."""
+    """The start-up table: one row per mode (its median run), total and parts in seconds."""
     case, env, ver = result["case"], result["environment"], result["versions"]
     lines = [
         f"`accel run {Path(case['target']).name} --devices {case['devices']} --steps {case['steps']}` "
@@ -222,21 +243,25 @@ def markdown(result: dict[str, Any]) -> str:
         f"torch {ver.get('torch')}, diffusers {ver.get('diffusers')}, {result['date']}. Every run is a fresh "
         "process with empty inductor and accel caches (a machine's first start).",
         "",
-        "| mode | process start to image s | "
+        "| mode | process start to image s | runs: min-max s | "
         + " | ".join(f"{p} s" for p in PARTS)
         + " | first call ms/step | warm call ms/step "
         "| loaded / compiled stages |",
-        "|---|" + "---|" * (len(PARTS) + 4),
+        "|---|" + "---|" * (len(PARTS) + 5),
     ]
-    for run in result["runs"]:
+    for run in typical_runs(result):
         if "error" in run:
-            lines.append(f"| {run['mode']} | failed: {run['error']} |" + " |" * (len(PARTS) + 3))
+            lines.append(f"| {run['mode']} | failed: {run['error']} |" + " |" * (len(PARTS) + 4))
             continue
         parts = " | ".join(f"{run['parts_s'][p]:.1f}" for p in PARTS)
+        totals = run["totals_s"]
+        spread = f"{len(totals)}: {min(totals):.1f}-{max(totals):.1f}" if len(totals) > 1 else "1"
         lines.append(
-            f"| {run['mode']} | {run['total_s']:.1f} | {parts} | {run['first_call_ms_per_step']:.1f} "
+            f"| {run['mode']} | {run['total_s']:.1f} | {spread} | {parts} | {run['first_call_ms_per_step']:.1f} "
             f"| {_ms(run.get('warm_call_ms_per_step'))} | {run['loaded_stages']} / {run['compiled_stages']} |"
         )
+    if any(len(r.get("totals_s", ())) > 1 for r in typical_runs(result)):
+        lines += ["", "Each row is the mode's median run by total time; every run is in the JSON."]
     if result["exports"]:
         lines.append("")
     for item in result["exports"]:
@@ -261,7 +286,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in result["runs"] if "error" not in r]
+    runs = [r for r in typical_runs(result) if "error" not in r]
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.6 * max(1, len(runs))))
     for i, run in enumerate(runs):
         left = 0.0

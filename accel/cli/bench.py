@@ -48,7 +48,12 @@ def bench(
     ),
     height: int = typer.Option(1024, "--height", min=8, help="Speed suite: image height in pixels."),
     width: int = typer.Option(1024, "--width", min=8, help="Speed suite: image width in pixels."),
-    repeat: int = typer.Option(3, "--repeat", min=1, help="Speed suite: timed calls per configuration."),
+    repeat: int = typer.Option(
+        3,
+        "--repeat",
+        min=1,
+        help="Speed suite: timed calls per configuration. Start-up suite: fresh runs per mode (median shown).",
+    ),
     configs: str = typer.Option("A,B,B*,C,D,E", "--configs", help="Speed suite: subset of A,B,B*,C,D,E."),
     backends: str = typer.Option(
         "inductor", "--backends", help="Speed suite: compiled backends for D (each) and E (the first)."
@@ -87,7 +92,7 @@ def bench(
         raise typer.BadParameter(f"choose one suite: {', '.join(SUITES)}.")
     if startup is not None:
         stem = Path("accel-startup") if output == DEFAULT_QUALITY_OUTPUT else output
-        _startup(console, startup, plan, startup_modes, steps, work, stem)
+        _startup(console, startup, plan, startup_modes, steps, work, stem, repeat)
         return
     if report_files:
         _report(console, report_files)
@@ -141,7 +146,14 @@ def bench(
 
 
 def _startup(
-    console: Console, folder: Path, plan: Path | None, modes: str, steps: int, work: Path | None, stem: Path
+    console: Console,
+    folder: Path,
+    plan: Path | None,
+    modes: str,
+    steps: int,
+    work: Path | None,
+    stem: Path,
+    repeat: int,
 ) -> None:
     import tempfile
 
@@ -166,7 +178,7 @@ def _startup(
         precision="fp16" if on_gpu else None,
     )
     with console.status(f"timing start-up: {', '.join(chosen)} (log: {log}) ..."):
-        suite(case, chosen, work, log, lambda r: save(r, stem))
+        suite(case, chosen, work, log, lambda r: save(r, stem), repeat=repeat)
     console.print(Path(stem).with_suffix(".md").read_text(), markup=False, highlight=False)
     console.print(f"wrote {stem}.json, .md, .png", highlight=False)
 
