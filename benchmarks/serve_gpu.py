@@ -36,6 +36,11 @@ def _arguments() -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, action="append", help="Repeat for several servers (default 1).")
     p.add_argument("--clients", type=int, action="append", help="Repeat for several concurrencies.")
     p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument(
+        "--output-format",
+        action="append",
+        help="png, jpeg or webp; repeat to load each server once per format (default png).",
+    )
     p.add_argument("--calls", type=int, default=5, help="Timed in-process calls (after one warm-up call).")
     p.add_argument("-o", "--output", type=Path, required=True)
     return p.parse_args()
@@ -70,7 +75,9 @@ def served(args: argparse.Namespace, max_batch: int) -> list[dict[str, Any]]:
     ready_s = time.perf_counter() - started
     reports = []
     try:
-        for clients in args.clients or [1]:
+        for clients, output_format in [
+            (c, f) for c in args.clients or [1] for f in args.output_format or ["png"]
+        ]:
             load = SimpleNamespace(
                 clients=clients,
                 requests=clients * args.requests_per_client,
@@ -80,10 +87,11 @@ def served(args: argparse.Namespace, max_batch: int) -> list[dict[str, Any]]:
                 prompt=PROMPT,
                 seed=0,
                 timeout=600.0,
-                label=f"max-batch {max_batch}, {clients} client(s)",
+                output_format=output_format,
+                label=f"max-batch {max_batch}, {clients} client(s), {output_format}",
             )
             report = serve_load._run(load, url)
-            report.update(max_batch=max_batch, server_ready_s=ready_s)
+            report.update(max_batch=max_batch, server_ready_s=ready_s, output_format=output_format)
             reports.append(report)
             print(serve_load._table(report), flush=True)
     finally:
@@ -101,14 +109,15 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"In-process wrapped call (median of {len(result['in_process']['call_seconds'])}): {ref:.3f} s.",
         "",
-        "| max-batch | clients | requests | images/s | p50 total s | p95 total s | p50 / in-process | "
+        "| max-batch | clients | format | requests | images/s | p50 total s | p95 total s | p50 / in-process | "
         "p50 loop s | p50 decode s | p50 encode s | images per call |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["served"]:
         lat = r["latency_s"]
         lines.append(
-            f"| {r['max_batch']} | {r['clients']} | {r['ok']}/{r['requests']} | {r['images_per_s']:.3f} | "
+            f"| {r['max_batch']} | {r['clients']} | {r.get('output_format', 'png')} | {r['ok']}/{r['requests']} | "
+            f"{r['images_per_s']:.3f} | "
             f"{lat['total']['p50']:.3f} | {lat['total']['p95']:.3f} | {lat['total']['p50'] / ref:.3f} | "
             f"{lat['loop']['p50']:.3f} | {lat['decode']['p50']:.3f} | {lat['encode']['p50']:.3f} | "
             f"{r['batch_images']} |"

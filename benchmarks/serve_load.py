@@ -50,6 +50,9 @@ def _arguments() -> argparse.Namespace:
     p.add_argument("--steps", type=int, action="append", help="Steps; repeat to mix (default: the server's).")
     p.add_argument("--n", type=int, default=1, help="Images per request (default 1).")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse")
+    p.add_argument(
+        "--output-format", default="png", help="png (default), jpeg or webp: the images' file format."
+    )
     p.add_argument("--seed", type=int, default=0, help="Seeds the request mix and the image seeds.")
     p.add_argument("--timeout", type=float, default=600.0, help="Seconds one request may take.")
     p.add_argument("--label", default="", help="A name for this run in the report.")
@@ -102,6 +105,7 @@ def _run(args: argparse.Namespace, url: str) -> dict[str, Any]:
             "size": draw.choice(sizes),
             "num_inference_steps": draw.choice(steps),
             "seed": args.seed + i * args.n,
+            **({"output_format": args.output_format} if args.output_format != "png" else {}),
         }
         for i in range(args.requests)
     ]

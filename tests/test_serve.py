@@ -220,6 +220,24 @@ def test_the_image_for_a_seed_equals_accel_runs_batched_or_not(servers, server) 
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 
+def test_images_come_as_png_or_as_the_lossy_format_asked_for(server) -> None:
+    """PNG by default (lossless: the pixels `accel run` writes); jpeg and webp at the quality asked for
+    (OpenAI's output_format and output_compression), the same image up to compression."""
+    png = _generate(server, seed=SEED)
+    assert png.json()["output_format"] == "png"
+    (pixels,) = _images(png)
+    for fmt, name in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        response = _generate(server, seed=SEED, output_format=fmt, output_compression=90)
+        assert response.status_code == 200, response.text
+        assert response.json()["output_format"] == fmt
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        assert image.format == name and image.size == (128, 128)
+        # The lossless image, put through the same encoder at that quality here: the very same file.
+        here = io.BytesIO()
+        Image.fromarray(pixels).save(here, format=name, quality=90)
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(here)))
+
+
 BAD_INPUT = [
     (b"{not json", 400, None, "not valid JSON"),
     (b'["a cat"]', 400, None, "must be a JSON object"),
@@ -233,6 +251,14 @@ BAD_INPUT = [
     ({"prompt": "a cat", "n": 5}, 400, "n", "one of 1, 2, 3, 4"),
     ({"prompt": "a cat", "n": "2"}, 400, "n", "one of 1, 2, 3, 4"),
     ({"prompt": "a cat", "response_format": "url"}, 400, "response_format", "valid values: b64_json"),
+    ({"prompt": "a cat", "output_format": "gif"}, 400, "output_format", "valid values: png, jpeg, webp"),
+    ({"prompt": "a cat", "output_compression": 50}, 400, "output_compression", "jpeg or webp, not png"),
+    (
+        {"prompt": "a cat", "output_format": "jpeg", "output_compression": 101},
+        400,
+        "output_compression",
+        "an integer 0-100",
+    ),
     ({"prompt": "a cat", "guidance_scale": -1}, 400, "guidance_scale", "a number 0-50"),
     ({"prompt": "a cat", "seed": -3}, 400, "seed", "an integer 0-"),
     ({"prompt": "a cat", "steps": 4}, 400, "steps", "accepted fields: prompt, n, size"),

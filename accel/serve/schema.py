@@ -1,7 +1,7 @@
 """Image requests: parsed and validated before they are queued, so bad input never reaches the workers.
 
 The body follows the OpenAI images API (``prompt``, ``n``, ``size`` as ``"WxH"``, ``response_format``,
-``model``) and accepts diffusers' own fields too (``negative_prompt``, ``num_inference_steps``,
+``output_format`` and ``output_compression``, ``model``) and accepts diffusers' own fields too (``negative_prompt``, ``num_inference_steps``,
 ``guidance_scale``, ``seed``). A problem is a :class:`ApiError` whose JSON form is the OpenAI error
 object, naming the field and the values it accepts.
 """
@@ -22,6 +22,8 @@ FIELDS = (
     "n",
     "size",
     "response_format",
+    "output_format",
+    "output_compression",
     "model",
     "negative_prompt",
     "num_inference_steps",
@@ -30,6 +32,10 @@ FIELDS = (
     *IGNORED_FIELDS,
 )
 RESPONSE_FORMATS = ("b64_json",)
+#: Image file formats, as the OpenAI images API names them; ``output_compression`` is the quality of the
+#: lossy ones.
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+LOSSY_FORMATS = ("jpeg", "webp")
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 50.0
 
@@ -69,6 +75,8 @@ class ImageRequest:
     negative_prompt: str | None
     seed: int | None
     response_format: str = "b64_json"
+    output_format: str = "png"
+    output_compression: int = 100
 
     @property
     def shape(self) -> tuple[int, int, int, float, bool]:
@@ -127,6 +135,19 @@ def parse_request(body: Any, settings: ServeSettings) -> ImageRequest:
             f"response_format={response_format!r} is not supported; valid values: {', '.join(RESPONSE_FORMATS)}.",
             param="response_format",
         )
+    output_format = body.get("output_format") or "png"
+    if output_format not in OUTPUT_FORMATS:
+        raise ApiError(
+            f"output_format={output_format!r} is not supported; valid values: {', '.join(OUTPUT_FORMATS)}.",
+            param="output_format",
+        )
+    if body.get("output_compression") is not None and output_format not in LOSSY_FORMATS:
+        raise ApiError(
+            f"output_compression applies to output_format {' or '.join(LOSSY_FORMATS)}, not {output_format} "
+            "(lossless).",
+            param="output_compression",
+        )
+    compression = _integer(body, "output_compression", 100, 0, 100, "an integer 0-100")
     model = body.get("model")
     if model is not None and model != settings.model_name:
         raise ApiError(
@@ -168,4 +189,6 @@ def parse_request(body: Any, settings: ServeSettings) -> ImageRequest:
         negative_prompt=_text(body, "negative_prompt"),
         seed=seed,
         response_format=response_format,
+        output_format=output_format,
+        output_compression=compression,
     )
