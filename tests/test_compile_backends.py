@@ -49,6 +49,17 @@ def sd3_stage() -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]
     return stage, inputs, expected
 
 
+@pytest.fixture(scope="module")
+def aot_store(sd3_stage, tmp_path_factory) -> EngineStore:
+    """``sd3_stage`` exported once with the aot backend into an engine store (key ``sd3.u1-4``): the aot
+    tests below share it (an export compiles C++ for tens of seconds on 2 CPU cores)."""
+    stage, inputs, _ = sd3_stage
+    store = EngineStore(tmp_path_factory.mktemp("aot") / "engines")
+    record = store.export("sd3.u1-4", "aot", stage, inputs)
+    assert record.file.endswith(".pt2")
+    return store
+
+
 def _close(got: Any, expected: tuple[torch.Tensor, ...], atol: float) -> None:
     got = tuple(got)
     assert len(got) == len(expected)
@@ -185,40 +196,38 @@ def test_onnx_stage_matches_eager_and_reloads_without_export(sd3_stage, tmp_path
 
 
 @pytest.mark.slow
-def test_aot_stage_matches_eager_and_second_run_compiles_nothing(sd3_stage, tmp_path, monkeypatch) -> None:
+def test_aot_stage_matches_eager_and_second_run_compiles_nothing(sd3_stage, aot_store, monkeypatch) -> None:
     import torch._inductor
 
     stage, inputs, expected = sd3_stage
-    store = EngineStore(tmp_path / "engines")
-    record = store.export("sd3.u1-4", "aot", stage, inputs)
-    assert record.file.endswith(".pt2")
 
     def no_compile(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the second run must not compile")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compile)
     monkeypatch.setattr(torch.export, "export", no_compile)
-    fn = EngineStore(tmp_path / "engines").load("sd3.u1-4", "aot", stage, inputs)
+    assert aot_store.export("sd3.u1-4", "aot", stage, inputs) == aot_store.records()["sd3.u1-4"]  # kept
+    fn = EngineStore(aot_store.directory).load("sd3.u1-4", "aot", stage, inputs)
     with torch.no_grad():
         _close(fn(*inputs), expected, 1e-5)
 
 
 @pytest.mark.slow
-def test_aot_package_holds_no_weights_and_binds_the_modules_own(tmp_path) -> None:
-    model = build_pipeline("sd3").transformer.eval()
-    adapter = adapt(model)
-    args, kwargs = adapter.example_inputs(
-        InputShape(batch=1, height=128, width=128, dtype=torch.float32, device="cpu", text_len=16)
-    )
-    stage, inputs = build_stage(adapter, 1, 3, args, kwargs)
+def test_aot_package_holds_no_weights_and_binds_the_modules_own(sd3_stage, aot_store) -> None:
+    stage, inputs, _ = sd3_stage
     backend = get_backend("aot")
-    path = backend.export(stage, inputs, tmp_path / "stage.pt2")
+    path = aot_store.directory / aot_store.records()["sd3.u1-4"].file
     fn = backend.load(path, module=stage)
-    with torch.no_grad():
-        for p in stage.parameters():  # new values in the same memory: the package must see them
-            p.mul_(0.5)
-        expected = stage(*inputs)
-        _close(fn(*inputs), expected, 1e-5)
+    try:
+        with torch.no_grad():
+            for p in stage.parameters():  # new values in the same memory: the package must see them
+                p.mul_(0.5)
+            expected = stage(*inputs)
+            _close(fn(*inputs), expected, 1e-5)
+    finally:
+        with torch.no_grad():
+            for p in stage.parameters():  # back to the shared stage's values (exact: powers of two)
+                p.mul_(2.0)
     with pytest.raises(BackendError, match="holds no weights"):
         backend.load(path)
 
@@ -250,16 +259,15 @@ def test_aot_loader_crash_in_child_becomes_a_clear_error(tmp_path, monkeypatch) 
 
 
 @pytest.mark.slow
-def test_aot_loader_check_passes_for_a_loadable_package(tmp_path) -> None:
+def test_aot_loader_check_passes_for_a_loadable_package(sd3_stage, aot_store) -> None:
     from accel.compile.backends import AOTBackend
 
-    stage = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
-    inputs = (torch.randn(2, 8),)
+    stage, inputs, expected = sd3_stage
     backend = AOTBackend()
-    path = backend.export(stage, inputs, tmp_path / "mlp.pt2")
+    path = aot_store.directory / aot_store.records()["sd3.u1-4"].file
     backend.check_loader(path, -1)  # loads in a child process without error
     with torch.no_grad():
-        _close(backend.load(path, module=stage)(*inputs), (stage(*inputs),), 1e-5)
+        _close(backend.load(path, module=stage)(*inputs), expected, 1e-5)
 
 
 @pytest.mark.slow
