@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from accel.plan import Plan, PlanError, load_plan
 from accel.request import RequestError
 from accel.source import DEMOS, ModelSource, SourceError
 from accel.wrapper import find_denoiser
+
+logger = logging.getLogger(__name__)
 
 #: The pipeline components that can be the denoiser, in the order they are looked for.
 DENOISERS = ("unet", "transformer")
@@ -231,9 +234,13 @@ def denoiser_structure(source: ModelSource, *, dtype: Any) -> Any | None:
     if cls is None or getattr(cls, "_keep_in_fp32_modules", None):
         return None
     config = cls.load_config(source.location, subfolder=component)
-    with torch.device("meta"):
-        model = cls.from_config(config)
-    return model.to(dtype).eval()
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        return model.to(dtype).eval()
+    except Exception as exc:  # a model that cannot be built without its data: the caller reads the weights
+        logger.debug("%s cannot be built on the meta device (%s); its weights are read", cls.__name__, exc)
+        return None
 
 
 def load_components(

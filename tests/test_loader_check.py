@@ -127,6 +127,27 @@ def test_the_background_check_holds_the_lock_until_it_ends(
     assert _lock_is_free(cache)
 
 
+def test_a_background_check_that_hangs_is_ended_by_its_alarm(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However the check hangs (in native code too), SIGALRM ends it and the lock is released."""
+    import signal
+
+    engines = _engine_dir(
+        tmp_path, {"cfg": {"file": "cfg.aot.pt2", "backend": "aot", "device_type": "cuda", "size": 4}}
+    )
+    monkeypatch.setattr(loader_check, "has_nvidia_gpu", lambda: True)
+    assert loader_check.BACKGROUND_CHECK.startswith("import signal, sys; signal.alarm({timeout}); ")
+    monkeypatch.setattr(loader_check, "BACKGROUND_TIMEOUT_S", 1)
+    monkeypatch.setattr(
+        loader_check, "BACKGROUND_CHECK", "import signal, time; signal.alarm({timeout}); time.sleep(60)"
+    )
+    proc = loader_check.start_background_check(engines)
+    assert proc is not None
+    assert proc.wait(timeout=30) == -signal.SIGALRM
+    assert _lock_is_free(cache)
+
+
 def test_nothing_is_started_without_a_cuda_aot_package_or_after_a_passed_check(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,9 +30,13 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = "aot-loader-check.lock"
 MARKER_PREFIX = "aot-loader-ok-"
-#: The background check: opens the package in that process and leaves the marker when it survives.
+#: Seconds the background check may take: SIGALRM ends it even inside native code, releasing the lock.
+BACKGROUND_TIMEOUT_S = 300
+#: The background check (``{timeout}``: its alarm): opens the package in that process and leaves the
+#: marker when it survives.
 BACKGROUND_CHECK = (
-    "import sys; from accel.compile.backends import check_loader_here; check_loader_here(sys.argv[1])"
+    "import signal, sys; signal.alarm({timeout}); "
+    "from accel.compile.backends import check_loader_here; check_loader_here(sys.argv[1])"
 )
 _MANIFEST = "manifest.json"  # accel.compile.store.MANIFEST, which imports torch
 
@@ -135,7 +139,7 @@ def start_background_check(engines: str | os.PathLike[str] | None) -> subprocess
             return None  # another process is checking; a worker waits for that one
         # The child inherits the locked file: the lock is released when the child ends, however it ends.
         return subprocess.Popen(
-            [sys.executable, "-c", BACKGROUND_CHECK, str(package)],
+            [sys.executable, "-c", BACKGROUND_CHECK.format(timeout=BACKGROUND_TIMEOUT_S), str(package)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
