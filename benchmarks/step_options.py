@@ -12,6 +12,9 @@ the compile time, and the output against eager at the same inputs (max abs diffe
 error; every option is math-preserving, so only floating-point reordering may show). Writes OUT.json
 and OUT.md. ``--tiny`` runs the tiny pipelines (a dry run on CPU).
 
+``--component vae`` times the VAE decoder instead (in the dtype the pipeline decodes in: fp32 for SDXL's
+upcast VAE), one latent image per batch row.
+
 Options: eager; default (inductor); conv_1x1_as_mm; coordinate_descent; fused_qkv (diffusers'
 ``fuse_qkv_projections``); channels_last (weights and latents); sdpa-flash, sdpa-cudnn, sdpa-efficient
 (the only SDPA backend allowed while compiling and calling); recipe (conv_1x1_as_mm + coordinate_descent
@@ -57,6 +60,7 @@ FUSED = ("fused_qkv", "recipe", "autotune")
 def _arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", choices=("sdxl", "sd3"), default="sdxl")
+    p.add_argument("--component", choices=("denoiser", "vae"), default="denoiser")
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     p.add_argument("--batch", type=int, action="append", help="CFG rows per call; repeat (default 2)")
     p.add_argument("--options", default=",".join(o for o in OPTIONS if o != "autotune"))
@@ -97,19 +101,33 @@ def _applied(option: str, model: torch.nn.Module) -> Iterator[None]:
 
 
 def _inputs(model: torch.nn.Module, batch: int, size: int, option: str) -> tuple[list[Any], dict[str, Any]]:
+    from accel.compile.stage import DecoderStage
     from accel.models import adapt
     from accel.models.base import InputShape
 
     param = next(model.parameters())
-    shape = InputShape(batch=batch, height=size, width=size, dtype=param.dtype, device=param.device)
-    args, kwargs = adapt(model).example_inputs(shape)
-    args, kwargs = list(args), dict(kwargs)
+    if isinstance(model, DecoderStage):
+        channels = model.decoder.conv_in.in_channels
+        gen = torch.Generator("cpu").manual_seed(0)
+        z = torch.randn(batch, channels, size // 8, size // 8, generator=gen).to(param.device, param.dtype)
+        args, kwargs = [z], {}
+    else:
+        shape = InputShape(batch=batch, height=size, width=size, dtype=param.dtype, device=param.device)
+        args, kwargs = adapt(model).example_inputs(shape)
+        args, kwargs = list(args), dict(kwargs)
     if option == "channels_last":
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
             args[0] = args[0].contiguous(memory_format=torch.channels_last)
         elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
             kwargs["hidden_states"] = kwargs["hidden_states"].contiguous(memory_format=torch.channels_last)
     return args, kwargs
+
+
+def _output(target: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The call's output tensor (a denoiser takes ``return_dict``; a decoder stage returns a tuple)."""
+    if kwargs or len(args) != 1:
+        return target(*args, **kwargs, return_dict=False)[0]
+    return target(*args)[0]
 
 
 def _timed(fn: Callable[[], torch.Tensor], warmup: int, repeat: int, device: torch.device) -> list[float]:
@@ -144,7 +162,7 @@ def measure(
             target = torch.compile(model, dynamic=False, options=INDUCTOR.get(option) or None)
 
         def call() -> torch.Tensor:
-            return target(*call_args, **call_kwargs, return_dict=False)[0]
+            return _output(target, call_args, call_kwargs)
 
         began = time.perf_counter()
         out = call()
@@ -167,7 +185,8 @@ def measure(
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [
-        f"{result['model']} {result['size']}², whole denoiser per call, {env.get('gpu') or 'CPU'}, torch "
+        f"{result['model']} {result['size']}², {'VAE decoder' if result.get('component') == 'vae' else 'whole denoiser'} "
+        f"per call, {env.get('gpu') or 'CPU'}, torch "
         f"{result['versions'].get('torch')}, diffusers {result['versions'].get('diffusers')}, {result['date']}.",
         "",
         "| batch | option | ms per call | vs default | first call s | max abs diff vs eager | rel. L2 vs eager |",
@@ -200,8 +219,14 @@ def main() -> None:
     else:
         pipe = full_size_pipeline(args.model, device=args.device)
     model = find_denoiser(pipe)[1].eval().requires_grad_(False)
+    if args.component == "vae":
+        from accel.compile.stage import DecoderStage, decoder_dtype
+
+        dtype = decoder_dtype(pipe.vae, next(model.parameters()).dtype)
+        model = DecoderStage(pipe.vae.decoder.to(dtype).eval().requires_grad_(False))
     result: dict[str, Any] = {
         "model": args.model,
+        "component": args.component,
         "size": args.size,
         "environment": environment(),
         "versions": versions(),
@@ -211,7 +236,7 @@ def main() -> None:
     for batch in args.batch or [2]:
         with torch.no_grad():
             call_args, call_kwargs = _inputs(model, batch, args.size, "eager")
-            ref = model(*call_args, **call_kwargs, return_dict=False)[0]
+            ref = _output(model, call_args, call_kwargs)
         for option in options:
             row = measure(model, option, batch, args, ref)
             result["rows"].append(row)
