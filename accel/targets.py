@@ -222,16 +222,11 @@ def denoiser_structure(source: ModelSource, *, dtype: Any) -> Any | None:
     """The denoiser of the model folder ``source`` built from its config on the meta device: its graph
     (module tree, parameter shapes and dtypes, stage inputs) without reading a weight. ``None`` where that
     would not be the graph a real load gives (demo and architecture sources are built by code; a model
-    that keeps some modules in float32 whatever the dtype), or the folder names no known denoiser."""
+    that keeps some modules in float32 whatever the dtype); ``ValueError`` as :func:`load_components`."""
     if source.is_builtin:
         return None
-    import diffusers
-    from diffusers import DiffusionPipeline
-
-    index = DiffusionPipeline.load_config(source.location)
-    component = next((name for name in DENOISERS if isinstance(index.get(name), list | tuple)), None)
-    cls = getattr(diffusers, index[component][1], None) if component is not None else None
-    if cls is None or getattr(cls, "_keep_in_fp32_modules", None):
+    component, cls, _ = _denoiser_class(source.location)
+    if getattr(cls, "_keep_in_fp32_modules", None):
         return None
     config = cls.load_config(source.location, subfolder=component)
     try:
@@ -241,6 +236,25 @@ def denoiser_structure(source: ModelSource, *, dtype: Any) -> Any | None:
     except Exception as exc:  # a model that cannot be built without its data: the caller reads the weights
         logger.debug("%s cannot be built on the meta device (%s); its weights are read", cls.__name__, exc)
         return None
+
+
+def _denoiser_class(location: str) -> tuple[str, Any, dict[str, Any]]:
+    """The denoiser component of the model folder ``location`` (``"unet"`` or ``"transformer"``), its
+    diffusers class and the folder's ``model_index.json``; ``ValueError`` when either is missing."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(location)
+    component = next((name for name in DENOISERS if isinstance(index.get(name), list | tuple)), None)
+    if component is None:
+        raise ValueError(f"{location}: model_index.json names no 'unet' or 'transformer' component.")
+    class_name = index[component][1]
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ValueError(
+            f"{location}: the {component} class {class_name!r} is not in diffusers {diffusers.__version__}."
+        )
+    return component, cls, dict(index)
 
 
 def load_components(
@@ -253,19 +267,9 @@ def load_components(
         return find_denoiser(pipe)[1].eval(), scale, getattr(pipe, "vae", None) if vae else None
 
     import diffusers
-    from diffusers import DiffusionPipeline
 
     location = source.location
-    index = DiffusionPipeline.load_config(location)
-    component = next((name for name in DENOISERS if isinstance(index.get(name), list | tuple)), None)
-    if component is None:
-        raise ValueError(f"{location}: model_index.json names no 'unet' or 'transformer' component.")
-    class_name = index[component][1]
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        raise ValueError(
-            f"{location}: the {component} class {class_name!r} is not in diffusers {diffusers.__version__}."
-        )
+    component, cls, index = _denoiser_class(location)
     target = torch.device(device)
     # As load_pipeline: on a GPU the weights are read straight onto it.
     placed = {"device_map": target} if _reads_onto_gpu(target) else {}
