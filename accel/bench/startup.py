@@ -6,7 +6,7 @@ before the process starts to the moment its first image is on disk. The worker's
 
 - ``cli``: interpreter start and the command line's own imports, to the ``run`` command entered;
 - ``prepare``: importing torch and diffusers, reading the target, the checks made before launching (with
-  ``--engines`` and a plan: the engine directory against the model's denoiser, which this loads);
+  ``--engines`` and a plan: the engine directory against the model's denoiser graph);
 - ``launch``: the launcher and the worker joining its group (in the same process with one device);
 - ``load``: loading the diffusers pipeline;
 - ``wrap``: wrapping it (settings, process-group checks);
