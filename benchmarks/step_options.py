@@ -15,10 +15,14 @@ and OUT.md. ``--tiny`` runs the tiny pipelines (a dry run on CPU).
 ``--component vae`` times the VAE decoder instead (in the dtype the pipeline decodes in: fp32 for SDXL's
 upcast VAE), one latent image per batch row.
 
-Options: eager; default (inductor); conv_1x1_as_mm; coordinate_descent; fused_qkv (diffusers'
-``fuse_qkv_projections``); channels_last (weights and latents); sdpa-flash, sdpa-cudnn, sdpa-efficient
-(the only SDPA backend allowed while compiling and calling); recipe (conv_1x1_as_mm + coordinate_descent
-+ fused_qkv); autotune (recipe + max_autotune: minutes per shape).
+On a GPU each option's call is replayed as one CUDA graph, as accel's runtime replays a compiled stage
+(``--no-graphs`` launches the kernels per call instead).
+
+An option is one atom or several joined by ``+`` (``sdpa-cudnn+fused_qkv``). Atoms: eager (no compile);
+default (inductor); conv_1x1_as_mm; coordinate_descent; fused_qkv (diffusers' ``fuse_qkv_projections``);
+channels_last (weights and latents); sdpa-math, sdpa-flash, sdpa-cudnn, sdpa-efficient (the SDPA
+backend allowed while compiling and calling); gemm-autotune (``max_autotune_gemm``); autotune
+(``max_autotune``: minutes per shape). ``recipe`` names conv_1x1_as_mm + coordinate_descent + fused_qkv.
 """
 
 from __future__ import annotations
@@ -34,27 +38,64 @@ from typing import Any
 
 import torch
 
-OPTIONS = (
+#: option atoms; an option given on the command line is one atom or several joined by ``+``
+ATOMS = (
     "eager",
     "default",
     "conv_1x1_as_mm",
     "coordinate_descent",
     "fused_qkv",
     "channels_last",
+    "sdpa-math",
     "sdpa-flash",
     "sdpa-cudnn",
     "sdpa-efficient",
-    "recipe",
+    "gemm-autotune",
     "autotune",
 )
-#: inductor configuration of each option (fused_qkv, channels_last and SDPA act on the model or the call).
+#: named combinations
+COMBINED = {
+    "recipe": ("conv_1x1_as_mm", "coordinate_descent", "fused_qkv"),
+}
+OPTIONS = (*ATOMS, *COMBINED)
+#: inductor configuration of each atom (fused_qkv, channels_last and SDPA act on the model or the call).
 INDUCTOR = {
     "conv_1x1_as_mm": {"conv_1x1_as_mm": True},
     "coordinate_descent": {"coordinate_descent_tuning": True},
-    "recipe": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True},
-    "autotune": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "max_autotune": True},
+    "gemm-autotune": {"max_autotune_gemm": True},
+    "autotune": {"max_autotune": True},
 }
-FUSED = ("fused_qkv", "recipe", "autotune")
+SDPA = {
+    "sdpa-math": "MATH",
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+}
+DEFAULT_OPTIONS = (
+    "eager,eager+sdpa-flash,eager+sdpa-cudnn,eager+sdpa-efficient,default,sdpa-cudnn,fused_qkv,"
+    "channels_last,conv_1x1_as_mm,coordinate_descent,recipe"
+)
+
+
+def atoms(option: str) -> tuple[str, ...]:
+    """The atoms of ``option`` (``a+b``, a named combination, or one atom); unknown ones raise."""
+    found: list[str] = []
+    for part in option.split("+"):
+        for atom in COMBINED.get(part, (part,)):
+            if atom not in ATOMS:
+                raise SystemExit(f"option {option!r}: {atom!r} is not one of {', '.join(OPTIONS)}.")
+            found.append(atom)
+    if "eager" in found and any(a in INDUCTOR for a in found):
+        raise SystemExit(f"option {option!r}: inductor settings do not apply to eager.")
+    return tuple(dict.fromkeys(found))
+
+
+def inductor_options(option: str) -> dict[str, bool]:
+    """The inductor configuration ``option`` compiles with."""
+    merged: dict[str, bool] = {}
+    for atom in atoms(option):
+        merged.update(INDUCTOR.get(atom, {}))
+    return merged
 
 
 def _arguments() -> argparse.Namespace:
@@ -63,7 +104,8 @@ def _arguments() -> argparse.Namespace:
     p.add_argument("--component", choices=("denoiser", "vae"), default="denoiser")
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     p.add_argument("--batch", type=int, action="append", help="CFG rows per call; repeat (default 2)")
-    p.add_argument("--options", default=",".join(o for o in OPTIONS if o != "autotune"))
+    p.add_argument("--options", default=DEFAULT_OPTIONS, help="comma-separated; join atoms with +")
+    p.add_argument("--no-graphs", action="store_true", help="launch kernels per call, no CUDA graph replay")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="the tiny pipelines, fp32 (a dry run)")
@@ -77,27 +119,29 @@ def _applied(option: str, model: torch.nn.Module) -> Iterator[None]:
     """The model and call context of ``option``, undone afterwards."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    fused = option in FUSED and hasattr(model, "fuse_qkv_projections")
+    parts = atoms(option)
+    fused = "fused_qkv" in parts and hasattr(model, "fuse_qkv_projections")
     if fused:
         model.fuse_qkv_projections()
-    if option == "channels_last":
+    if "channels_last" in parts:
         model.to(memory_format=torch.channels_last)
-    backend = {
-        "sdpa-flash": "FLASH_ATTENTION",
-        "sdpa-cudnn": "CUDNN_ATTENTION",
-        "sdpa-efficient": "EFFICIENT_ATTENTION",
-    }
-    context = (
-        sdpa_kernel(getattr(SDPBackend, backend[option])) if option in backend else contextlib.nullcontext()
-    )
+    backends = [getattr(SDPBackend, SDPA[a]) for a in parts if a in SDPA]
+    context = sdpa_kernel(backends) if backends else contextlib.nullcontext()
     try:
         with context:
             yield
     finally:
-        if option == "channels_last":
+        if "channels_last" in parts:
             model.to(memory_format=torch.contiguous_format)
         if fused:
             model.unfuse_qkv_projections()
+            _drop_fused_projections(model)
+
+
+def _drop_fused_projections(model: torch.nn.Module) -> None:
+    from accel.bench.speed import _drop_fused_projections as drop
+
+    drop(model)
 
 
 def _inputs(model: torch.nn.Module, batch: int, size: int, option: str) -> tuple[list[Any], dict[str, Any]]:
@@ -115,7 +159,7 @@ def _inputs(model: torch.nn.Module, batch: int, size: int, option: str) -> tuple
         shape = InputShape(batch=batch, height=size, width=size, dtype=param.dtype, device=param.device)
         args, kwargs = adapt(model).example_inputs(shape)
         args, kwargs = list(args), dict(kwargs)
-    if option == "channels_last":
+    if "channels_last" in atoms(option):
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
             args[0] = args[0].contiguous(memory_format=torch.channels_last)
         elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
@@ -149,17 +193,37 @@ def _timed(fn: Callable[[], torch.Tensor], warmup: int, repeat: int, device: tor
     return times
 
 
+def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+    """``fn`` replayed as one CUDA graph, as accel's runtime replays a compiled stage."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
 def measure(
     model: torch.nn.Module, option: str, batch: int, args: argparse.Namespace, ref: torch.Tensor
 ) -> dict:
     """One option at one batch: ms per call, compile seconds, and the output against eager."""
     device = next(model.parameters()).device
     torch._dynamo.reset()
+    graphs = device.type == "cuda" and not args.no_graphs
     with _applied(option, model), torch.no_grad():
         call_args, call_kwargs = _inputs(model, batch, args.size, option)
         target: Callable[..., Any] = model
-        if option != "eager":
-            target = torch.compile(model, dynamic=False, options=INDUCTOR.get(option) or None)
+        if "eager" not in atoms(option):
+            target = torch.compile(model, dynamic=False, options=inductor_options(option) or None)
 
         def call() -> torch.Tensor:
             return _output(target, call_args, call_kwargs)
@@ -169,11 +233,14 @@ def measure(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         compile_s = time.perf_counter() - began
-        times = _timed(call, args.warmup, args.repeat, device)
+        timed = _graphed(call, device) if graphs else call
+        times = _timed(timed, args.warmup, args.repeat, device)
+        out = timed().clone()
     diff = (out.float() - ref.float()).contiguous()
     return {
         "option": option,
         "batch": batch,
+        "cuda_graph": graphs,
         "ms": statistics.median(times),
         "ms_min": min(times),
         "first_call_s": compile_s,
@@ -186,7 +253,8 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [
         f"{result['model']} {result['size']}², {'VAE decoder' if result.get('component') == 'vae' else 'whole denoiser'} "
-        f"per call, {env.get('gpu') or 'CPU'}, torch "
+        f"per call{' (CUDA graph replay)' if result['rows'] and result['rows'][0].get('cuda_graph') else ''}, "
+        f"{env.get('gpu') or 'CPU'}, torch "
         f"{result['versions'].get('torch')}, diffusers {result['versions'].get('diffusers')}, {result['date']}.",
         "",
         "| batch | option | ms per call | vs default | first call s | max abs diff vs eager | rel. L2 vs eager |",
@@ -207,9 +275,8 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     args = _arguments()
     options = [o for o in args.options.split(",") if o]
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise SystemExit(f"--options {', '.join(unknown)}: choose from {', '.join(OPTIONS)}.")
+    for option in options:
+        atoms(option)
     from accel.bench.speed import environment, versions
     from accel.testing import build_pipeline, full_size_pipeline
     from accel.wrapper import find_denoiser
