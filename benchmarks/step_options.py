@@ -269,6 +269,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['batch']} | {row['option']} | {row['ms']:.2f} | {ratio} | {row['first_call_s']:.1f} | "
             f"{row['max_abs_diff']:.3g} | {row['rel_l2']:.3g} |"
         )
+    for failed in result.get("failed", []):
+        lines.append(f"\nbatch {failed['batch']} {failed['option']}: failed ({failed['error']})")
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +307,14 @@ def main() -> None:
             call_args, call_kwargs = _inputs(model, batch, args.size, "eager")
             ref = _output(model, call_args, call_kwargs)
         for option in options:
-            row = measure(model, option, batch, args, ref)
+            try:
+                row = measure(model, option, batch, args, ref)
+            except Exception as error:  # an option this GPU or torch cannot run: recorded, the rest go on
+                result.setdefault("failed", []).append(
+                    {"option": option, "batch": batch, "error": repr(error)[:500]}
+                )
+                print(f"batch {batch} {option}: failed: {error!r}"[:800], flush=True)
+                continue
             result["rows"].append(row)
             print(
                 f"batch {batch} {option}: {row['ms']:.2f} ms/call (first call {row['first_call_s']:.1f} s)",
