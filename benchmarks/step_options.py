@@ -22,7 +22,8 @@ An option is one atom or several joined by ``+`` (``sdpa-cudnn+fused_qkv``). Ato
 default (inductor); conv_1x1_as_mm; coordinate_descent; fused_qkv (diffusers' ``fuse_qkv_projections``);
 channels_last (weights and latents); sdpa-math, sdpa-flash, sdpa-cudnn, sdpa-efficient (the SDPA
 backend allowed while compiling and calling); gemm-autotune (``max_autotune_gemm``); autotune
-(``max_autotune``: minutes per shape). ``recipe`` names conv_1x1_as_mm + coordinate_descent + fused_qkv.
+(``max_autotune``: minutes per shape); blaslt (cuBLASLt as the preferred BLAS library for the ATen
+matrix products). ``recipe`` names conv_1x1_as_mm + coordinate_descent + fused_qkv.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ ATOMS = (
     "sdpa-efficient",
     "gemm-autotune",
     "autotune",
+    "blaslt",
 )
 #: named combinations
 COMBINED = {
@@ -127,10 +129,14 @@ def _applied(option: str, model: torch.nn.Module) -> Iterator[None]:
         model.to(memory_format=torch.channels_last)
     backends = [getattr(SDPBackend, SDPA[a]) for a in parts if a in SDPA]
     context = sdpa_kernel(backends) if backends else contextlib.nullcontext()
+    blas = torch.backends.cuda.preferred_blas_library()
+    if "blaslt" in parts:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
     try:
         with context:
             yield
     finally:
+        torch.backends.cuda.preferred_blas_library(blas)
         if "channels_last" in parts:
             model.to(memory_format=torch.contiguous_format)
         if fused:
@@ -165,6 +171,34 @@ def _inputs(model: torch.nn.Module, batch: int, size: int, option: str) -> tuple
         elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
             kwargs["hidden_states"] = kwargs["hidden_states"].contiguous(memory_format=torch.channels_last)
     return args, kwargs
+
+
+@contextlib.contextmanager
+def _sdpa_choices() -> Iterator[dict[str, int]]:
+    """Counts of the SDPA backend torch picks by default for each attention call made inside
+    (``"<backend> q<shape>"``), read from torch's own chooser."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    counts: dict[str, int] = {}
+    original = F.scaled_dot_product_attention
+    names = {int(b): name for name, b in SDPBackend.__members__.items()}
+
+    def counted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        try:
+            mask = kwargs.get("attn_mask", args[0] if args else None)
+            choice = names.get(int(torch._fused_sdp_choice(q, k, v, mask)), "?")
+        except (RuntimeError, TypeError):
+            choice = "?"
+        label = f"{choice} q{list(q.shape)} kv{list(k.shape)[-2:]}"
+        counts[label] = counts.get(label, 0) + 1
+        return original(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = counted
+    try:
+        yield counts
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def _output(target: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -269,6 +303,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['batch']} | {row['option']} | {row['ms']:.2f} | {ratio} | {row['first_call_s']:.1f} | "
             f"{row['max_abs_diff']:.3g} | {row['rel_l2']:.3g} |"
         )
+    for batch, choices in result.get("sdpa_default", {}).items():
+        picked = "; ".join(f"{label} x{n}" for label, n in choices.items()) or "no SDPA call"
+        lines.append(f"\nbatch {batch}: SDPA backend torch picks by default: {picked}")
     for failed in result.get("failed", []):
         lines.append(f"\nbatch {failed['batch']} {failed['option']}: failed ({failed['error']})")
     return "\n".join(lines) + "\n"
@@ -303,9 +340,10 @@ def main() -> None:
         "rows": [],
     }
     for batch in args.batch or [2]:
-        with torch.no_grad():
+        with torch.no_grad(), _sdpa_choices() as choices:
             call_args, call_kwargs = _inputs(model, batch, args.size, "eager")
             ref = _output(model, call_args, call_kwargs)
+        result.setdefault("sdpa_default", {})[str(batch)] = choices
         for option in options:
             try:
                 row = measure(model, option, batch, args, ref)
