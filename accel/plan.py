@@ -24,6 +24,7 @@ import torch
 from accel.atomic import write_text_atomic
 from accel.errors import AccelError
 from accel.models.base import InputShape, TensorEdge, dtype_name, parameter_placement
+from accel.models.fusion import is_fused_weight
 from accel.partition import (
     DEFAULT_LINK_GBPS,
     LAYOUTS,
@@ -78,6 +79,8 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
     picks: dict[torch.device, list[torch.Tensor]] = {}
     order: list[torch.device] = []
     for name, tensor in sorted(model.state_dict().items()):
+        if is_fused_weight(name):
+            continue  # copies of the original projections: the same weights, fused or not
         digest.update(f"{name}:{tuple(tensor.shape)}:{dtype_name(tensor.dtype)};".encode())
         flat = tensor.detach().reshape(-1)
         if flat.numel() == 0 or flat.device.type == "meta":

@@ -299,6 +299,9 @@ class Tuning:
             (``coordinate_descent_tuning``).
         autotune: benchmark GEMM and convolution choices (Triton templates, cuBLAS, cuDNN) per shape and keep
             the fastest (``max_autotune``); minutes per stage, which an engine pays once at export.
+        fused_qkv: each attention's q/k/v projections as one matrix product (diffusers'
+            ``fuse_qkv_projections``, :mod:`accel.models.fusion`); a run fuses the live denoiser the same way
+            before loading such engines, which keeps fused copies of those weights beside the originals.
 
     Engines record the tuning they were built with (``accel inspect ENGINES``); ``accel export`` rebuilds
     an engine built with other tuning, and a run loads an engine with the tuning it was built with.
@@ -307,6 +310,7 @@ class Tuning:
     conv_1x1_as_mm: bool = False
     coordinate_descent: bool = False
     autotune: bool = False
+    fused_qkv: bool = False
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
@@ -316,7 +320,7 @@ class Tuning:
     @classmethod
     def full(cls) -> Tuning:
         """Every option on: what ``accel export --tune`` builds."""
-        return cls(conv_1x1_as_mm=True, coordinate_descent=True, autotune=True)
+        return cls(conv_1x1_as_mm=True, coordinate_descent=True, autotune=True, fused_qkv=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Tuning:
@@ -339,7 +343,7 @@ class Tuning:
             "coordinate_descent": "coordinate_descent_tuning",
             "autotune": "max_autotune",
         }
-        return {names[name]: True for name, on in self.to_dict().items() if on}
+        return {names[name]: True for name, on in self.to_dict().items() if on and name in names}
 
     def describe(self) -> str:
         """``"default"`` or the options that are on, comma-separated."""

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from diffusers.hooks import HookRegistry
 
 from accel.errors import AccelError
+from accel.models import fusion
 from accel.plan import Plan, PlanError, build_plan, config_hash, load_plan, weights_fingerprint
 from accel.runtime.comm import Communicator
 from accel.runtime.compiled import COMPILED_HOOK, DECODER_HOOK, CompiledDecoderHook, CompiledDenoiserHook
@@ -498,13 +499,16 @@ class _PlanSource:
 def unwrap(pipe: Any) -> Any:
     """Remove accel from a wrapped pipeline and return the original pipeline object.
 
-    The denoiser's ``forward`` and hook registry are put back exactly as they were; the pipeline stays
-    on the device it was moved to. Anything that is not an accelerated pipeline is returned unchanged.
+    The denoiser's ``forward`` and hook registry are put back exactly as they were, and q/k/v projections
+    accel fused for engines built fused are unfused; the pipeline stays on the device it was moved to.
+    Anything that is not an accelerated pipeline is returned unchanged.
     """
     if not isinstance(pipe, AcceleratedPipeline):
         return pipe
     original = pipe._pipe
     for site in pipe._restore:
         site.remove()
+    # Engines built with fused q/k/v projections had the denoiser fused at load; put it back as it was.
+    fusion.unfuse(find_denoiser(original)[1])
     object.__setattr__(pipe, "_pipe", None)
     return original

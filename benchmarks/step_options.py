@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from accel.models import fusion
+
 #: option atoms; an option given on the command line is one atom or several joined by ``+``
 ATOMS = (
     "eager",
@@ -122,9 +124,9 @@ def _applied(option: str, model: torch.nn.Module) -> Iterator[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     parts = atoms(option)
-    fused = "fused_qkv" in parts and hasattr(model, "fuse_qkv_projections")
+    fused = "fused_qkv" in parts and fusion.can_fuse(model)
     if fused:
-        model.fuse_qkv_projections()
+        fusion.fuse(model)
     if "channels_last" in parts:
         model.to(memory_format=torch.channels_last)
     backends = [getattr(SDPBackend, SDPA[a]) for a in parts if a in SDPA]
@@ -140,14 +142,7 @@ def _applied(option: str, model: torch.nn.Module) -> Iterator[None]:
         if "channels_last" in parts:
             model.to(memory_format=torch.contiguous_format)
         if fused:
-            model.unfuse_qkv_projections()
-            _drop_fused_projections(model)
-
-
-def _drop_fused_projections(model: torch.nn.Module) -> None:
-    from accel.bench.speed import _drop_fused_projections as drop
-
-    drop(model)
+            fusion.unfuse(model)
 
 
 def _inputs(model: torch.nn.Module, batch: int, size: int, option: str) -> tuple[list[Any], dict[str, Any]]:

@@ -56,7 +56,7 @@ def test_a_tuned_aot_engine_is_recorded_shown_loaded_as_built_and_rebuilt_for_ot
     store = EngineStore(directory)
     # On CPU, autotuning's GEMM templates would pack the weights into the package: refused with the reason.
     with pytest.raises(BackendError, match="export CPU engines without --tune"):
-        store.export(KEY, get_backend("aot", Tuning.full()), module, INPUTS)
+        store.export(KEY, get_backend("aot", Tuning(autotune=True)), module, INPUTS)
     tuning = Tuning(conv_1x1_as_mm=True, coordinate_descent=True)
     with torch.no_grad():
         tuned = store.export(KEY, get_backend("aot", tuning), module, INPUTS)

@@ -50,6 +50,7 @@ import torch.distributed as dist
 from accel.accelerator import Accelerator
 from accel.atomic import write_text_atomic
 from accel.compile.backends import BACKEND_NAMES
+from accel.models import fusion
 from accel.testing import build_pipeline, full_size_pipeline
 from accel.testing.measure import psnr, timed_generate
 from accel.version import __version__
@@ -263,10 +264,10 @@ def _expert_compiled(pipe: Any) -> Iterator[None]:
 
     name = _denoiser_name(pipe)
     original, vae = getattr(pipe, name), pipe.vae
-    fusable = [m for m in (original, vae) if hasattr(m, "fuse_qkv_projections")]
+    fusable = [m for m in (original, vae) if fusion.can_fuse(m)]
     mode = None if original.device.type == "cpu" else "max-autotune"
     for module in fusable:
-        module.fuse_qkv_projections()
+        fusion.fuse(module)
     for module in (original, vae):
         module.to(memory_format=torch.channels_last)
     try:
@@ -281,22 +282,7 @@ def _expert_compiled(pipe: Any) -> Iterator[None]:
         for module in (original, vae):
             module.to(memory_format=torch.contiguous_format)
         for module in fusable:
-            module.unfuse_qkv_projections()
-            _drop_fused_projections(module)
-
-
-#: The modules diffusers' ``fuse_projections`` adds beside q/k/v (``unfuse_qkv_projections`` keeps them).
-_FUSED = ("to_qkv", "to_kv", "to_added_qkv")
-
-
-def _drop_fused_projections(model: torch.nn.Module) -> None:
-    """Remove the fused projections left after unfusing, so the model holds its own weights only again."""
-    for module in model.modules():
-        for name in _FUSED:
-            if name in module._modules:
-                del module._modules[name]
-        if getattr(module, "fused_projections", False):
-            setattr(module, "fused_projections", False)  # noqa: B010  (a plain attribute, not a submodule)
+            fusion.unfuse(module)
 
 
 def single_gpu(s: SuiteSettings) -> dict[str, Measured]:

@@ -34,7 +34,13 @@ def export(
         "--tune",
         help="inductor and aot: autotune GEMM and convolution choices, tune every kernel's launch parameters "
         "and run 1x1 convolutions as matrix products (exact; minutes more per stage, paid once). The "
-        "manifest records it; engines built otherwise are rebuilt.",
+        "manifest records it; engines built otherwise are rebuilt. Includes --fuse-qkv.",
+    ),
+    fuse_qkv: bool = typer.Option(
+        False,
+        "--fuse-qkv",
+        help="inductor and aot: each attention's q/k/v projections as one matrix product (exact; a run fuses "
+        "the live denoiser the same way before loading, keeping fused copies of those weights).",
     ),
     device: str = typer.Option(
         None,
@@ -57,9 +63,9 @@ def export(
     if backend not in EXPORT_BACKENDS:
         raise typer.BadParameter(f"--backend {backend!r} is not one of {', '.join(EXPORT_BACKENDS)}.")
     try:
-        impl = get_backend(backend, Tuning.full() if tune else None)
+        impl = get_backend(backend, Tuning.full() if tune else Tuning(fused_qkv=True) if fuse_qkv else None)
     except BackendError as exc:
-        raise typer.BadParameter(f"--tune: {exc}") from None
+        raise typer.BadParameter(f"--{'tune' if tune else 'fuse-qkv'}: {exc}") from None
     reason = impl.available()
     if reason is not None:
         fail(console, f"backend {backend!r} is unavailable: {reason}")

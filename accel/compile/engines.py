@@ -152,10 +152,13 @@ def export_plan(
         jobs += decoder_jobs(plan, vae, device)
     store.expect([job.key for job in jobs])
     before = store.records()
+    # The decoder's projections stay as they are: its manifest entries say so.
+    unfused = impl.tuned(dataclasses.replace(impl.tuning, fused_qkv=False))
     for job in jobs:
         if on_stage is not None:
             on_stage(job, "start")
-        record = store.export(job.key, impl, job.module, job.example_inputs, rebuild=rebuild)
+        how = unfused if job.phase == "vae" else impl
+        record = store.export(job.key, how, job.module, job.example_inputs, rebuild=rebuild)
         records.append(record)
         if on_stage is not None:
             on_stage(job, "kept" if before.get(job.key) == record else "done")

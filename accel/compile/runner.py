@@ -35,6 +35,7 @@ import torch
 
 from accel.compile.backends import Backend, BackendError, StageCallable, compile_stage, get_backend
 from accel.compile.store import EngineError, EngineStore
+from accel.models import fusion
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,10 @@ class RunnerCounts:
     seconds: float = 0.0
 
 
+def _fused(module: torch.nn.Module) -> bool:
+    return fusion.is_fused(getattr(module, "model", module))
+
+
 class StageRunner:
     """Compiled callables for the stages of one model, by stage key (see :mod:`accel.compile.engines`).
 
@@ -281,8 +286,9 @@ class StageRunner:
             fn = CUDAGraphCallable(fn, key)
         self._callables[memo] = fn
         if how != "eager":
-            # Engines holding their own weights cannot follow in-place edits either: watch those too.
-            watch = BoundWeights(module, edits=not self.backend.binds_weights)
+            # Engines holding their own weights cannot follow in-place edits either, nor can fused
+            # projections (copies of the originals): watch those too.
+            watch = BoundWeights(module, edits=not self.backend.binds_weights or _fused(module))
             self._bound[memo] = _Bound(key, module, fn, watch)
         self.counts.seconds += time.perf_counter() - started
         log.info("stage %s: %s (backend %s)", key, how, self.backend.name)
@@ -293,8 +299,10 @@ class StageRunner:
 
         Costs one pass over the stages' parameter tables (no device work). Raises
         :class:`StaleWeightsError` when a replacement changes the graph, or when the backend's engines
-        hold their own copy of the weights (then in-place edits count too).
+        hold their own copy of the weights (then in-place edits count too). A model with fused q/k/v
+        projections has them copied again from the originals first (edits count there too).
         """
+        refreshed: set[int] = set()
         for bound in self._bound.values():
             replaced = bound.weights.changed()
             if not replaced:
@@ -313,6 +321,10 @@ class StageRunner:
                     f"{self.backend.name} engine holds its own copy of the weights. Wrap the pipeline again "
                     "after changing weights, or use a backend that binds them at load (aot, inductor)."
                 )
+            model = getattr(bound.module, "model", bound.module)
+            if id(model) not in refreshed and fusion.is_fused(model):
+                fusion.refresh(model)  # once per model: its stages share the fused copies
+                refreshed.add(id(model))
             rebind = getattr(bound.fn, "rebind", None)
             if rebind is not None:
                 rebind(bound.module)

@@ -50,6 +50,7 @@ from accel.atomic import acquire_flock, write_text_atomic
 from accel.compile.backends import Backend, StageCallable, get_backend
 from accel.compile.stage import TensorSpec
 from accel.errors import AccelError
+from accel.models import fusion
 from accel.models.base import dtype_name
 from accel.settings import SettingsError, Tuning
 
@@ -151,6 +152,25 @@ def record_tuning(record: EngineRecord) -> Tuning:
         return Tuning.from_dict(record.extra.get(TUNING))
     except SettingsError as exc:
         raise EngineError(f"engine {record.key!r}: {exc}") from None
+
+
+def _tuning_or_none(record: EngineRecord) -> Tuning | None:
+    try:
+        return record_tuning(record)
+    except EngineError:  # options unknown to this accel: rebuilt
+        return None
+
+
+def _fuse_for(key: str, module: torch.nn.Module) -> None:
+    """Fuse the q/k/v projections of the stage's model for engine ``key`` (:mod:`accel.models.fusion`)."""
+    model = getattr(module, "model", module)
+    if fusion.is_fused(model):
+        return
+    try:
+        fusion.fuse(model)
+    except fusion.FusionError as exc:
+        raise EngineError(f"engine {key!r} has fused q/k/v projections: {exc}") from None
+    log.info("engine %r: fused the q/k/v projections of %s", key, type(model).__name__)
 
 
 def graph_fingerprint(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> str:
@@ -339,6 +359,7 @@ class EngineStore:
         if key not in engines:
             return EngineCheck(key, None, [f"no engine {key!r} in {self.manifest_path}"], [])
         record = EngineRecord.from_dict({**engines[key], "key": key})
+        self._as_built(record, module)
         want = self.expected(impl, module, example_inputs, device=device)
         problems: list[str] = self.entry_problems(key)
         notes: list[str] = []
@@ -389,6 +410,14 @@ class EngineStore:
             elif sha256_file(path) != record.sha256:
                 problems.append(f"file {path} edited: checksum mismatch")
         return EngineCheck(key, record, problems, notes)
+
+    @staticmethod
+    def _as_built(record: EngineRecord, module: torch.nn.Module) -> None:
+        """Make the stage's model the graph the engine was built from: an engine built with fused q/k/v
+        projections serves a denoiser fused the same way, so it is fused here (once) before it is compared
+        and bound."""
+        if record_tuning(record).fused_qkv:
+            _fuse_for(record.key, module)
 
     def problems(
         self,
@@ -441,13 +470,17 @@ class EngineStore:
         impl = get_backend(backend)
         impl.check_available()
         with self.lock():
-            if not rebuild and not self.problems(key, impl, module, example_inputs):
-                kept = self.records()[key]
-                if record_tuning(kept) == impl.tuning:
+            kept = None if rebuild else self.records().get(key)
+            if kept is not None:
+                # Tuning first: checking an engine built otherwise would make the stage its graph.
+                if _tuning_or_none(kept) != impl.tuning:
+                    log.info(
+                        "engine %r: built with other tuning; rebuilding with %s", key, impl.tuning.describe()
+                    )
+                elif not self.problems(key, impl, module, example_inputs):
                     return kept
-                log.info(
-                    "engine %r: built with other tuning; rebuilding with %s", key, impl.tuning.describe()
-                )
+            if impl.tuning.fused_qkv:
+                _fuse_for(key, module)
             want = self.expected(impl, module, example_inputs)
             name = engine_file_name(key, impl)
             path = impl.export(module, example_inputs, self.directory / name)
