@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from accel.bench.speed import (
-    CONFIGS,
+    DEFAULT_CONFIGS,
     WINDOW_MODES,
     SuiteSettings,
     parse_names,
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--configs", type=parse_names, default=CONFIGS)
+    parser.add_argument("--configs", type=parse_names, default=DEFAULT_CONFIGS)
     parser.add_argument("--backends", type=parse_names, default=("inductor",))
     parser.add_argument("--window-modes", type=parse_names, default=WINDOW_MODES)
     parser.add_argument("--schedule", type=parse_schedule, default="adaptive")

@@ -14,12 +14,15 @@ runner = CliRunner()
 
 def test_speed_suite_dry_run_and_report(tmp_path: Path) -> None:
     out = tmp_path / "tiny.json"
-    args = ["bench", "--model", "sdxl", "--tiny", "--configs", "A,C", "--steps", "2", "--repeat", "1"]
+    args = ["bench", "--model", "sdxl", "--tiny", "--configs", "A,S,C", "--steps", "2", "--repeat", "1"]
     result = runner.invoke(app, [*args, "--height", "64", "--width", "64", "-o", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert set(data["configs"]) == {"A", "C"}
+    assert set(data["configs"]) == {"A", "S-inductor", "C"}
     assert data["tiny"] is True and data["steps"] == 2
+    # S is accel on one device, compiled: the same math as A up to the compiler's reordering.
+    assert data["configs"]["S-inductor"]["latent_max_abs_err"] < 1e-3
+    assert data["configs"]["S-inductor"]["compiled_stages"] >= 1
     c = data["configs"]["C"]
     # C is exact CFG split: its latents match A's up to batch-1 vs batch-2 rounding.
     assert c["latent_max_abs_err"] < 1e-3
@@ -30,6 +33,7 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path) -> None:
     assert report.exit_code == 0, report.output
     text = (tmp_path / "README.md").read_text()
     assert "| C | accel CFG split, eager, 2 GPUs |" in text
+    assert "| S-inductor | accel, inductor, 1 GPU |" in text
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -39,6 +43,10 @@ def test_bench_refuses_bad_input(tmp_path: Path) -> None:
     gpus = runner.invoke(app, ["bench", "--model", "sdxl", "-o", str(tmp_path / "x.json")])
     assert gpus.exit_code == 1 and "needs 2 CUDA GPUs" in gpus.output
     assert "needs 2 CUDA GPUs" in gpus.stderr and not gpus.stdout  # an error, not a result
+    one = runner.invoke(
+        app, ["bench", "--model", "sdxl", "--configs", "A,B*,S", "-o", str(tmp_path / "x.json")]
+    )
+    assert one.exit_code == 1 and "needs 1 CUDA GPU for --configs A,B*,S" in one.output
     bad = runner.invoke(app, ["bench", "--model", "sdxl", "--tiny", "--configs", "A,Z"])
     assert bad.exit_code != 0 and "unknown configurations ['Z']" in bad.output
     missing = runner.invoke(app, ["bench", "--report", str(tmp_path / "nope.json")])

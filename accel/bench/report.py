@@ -15,6 +15,7 @@ DESCRIPTIONS: dict[str, str] = {
     "B": "diffusers + torch.compile (reduce-overhead), 1 GPU",
     "B*": "diffusers + the recipe by hand (fused qkv, channels-last, inductor tuning) + torch.compile "
     "(max-autotune), 1 GPU",
+    "S": "accel, {backend}, 1 GPU",
     "C": "accel CFG split, eager, 2 GPUs",
     "D": "accel CFG split, {backend}, 2 GPUs",
     "E": "accel hybrid, {backend}, window guidance {mode}, 2 GPUs",

@@ -8,11 +8,15 @@ Configurations (letters as in ``docs/benchmarks/README.md``):
   "accelerating generative AI" study applied by hand (fused q/k/v projections, channels-last denoiser and
   VAE, inductor's ``conv_1x1_as_mm`` and coordinate-descent tuning) and ``torch.compile`` of the denoiser
   and the VAE decoder with ``mode="max-autotune"``;
+- ``S``: accel on one GPU (both guidance branches in one call) with the first of ``backends`` and the
+  engines given (export them from a one-device plan, e.g. with ``--fuse-qkv``), what accel adds on a
+  single GPU;
 - ``C``: accel CFG split, eager, 2 GPUs;
 - ``D``: accel CFG split with each compiled backend of ``backends``, 2 GPUs;
 - ``E``: accel hybrid with the first of ``backends``, 2 GPUs, once per window guidance mode.
 
-``A``, ``B`` and ``B*`` run in this process on the first GPU; ``C``-``E`` in one launch of 2 worker processes
+``A``, ``B``, ``B*`` and ``S`` run in this process on the first GPU (a suite of those needs one GPU);
+``C``-``E`` in one launch of 2 worker processes
 afterwards, so every ratio is measured on the same machine in the same run. Each configuration gets one
 short and one full warm-up call (compilation, CUDA-graph capture, planning; the first call's time is
 reported as ``first_call_s``), then ``repeat`` timed calls: end to end (text encoding to decoded image,
@@ -58,7 +62,9 @@ from accel.wrapper import find_denoiser, unwrap
 
 log = logging.getLogger(__name__)
 
-CONFIGS: tuple[str, ...] = ("A", "B", "B*", "C", "D", "E")
+CONFIGS: tuple[str, ...] = ("A", "B", "B*", "S", "C", "D", "E")
+#: What a run measures unless told otherwise (S wants engines exported from a one-device plan).
+DEFAULT_CONFIGS: tuple[str, ...] = ("A", "B", "B*", "C", "D", "E")
 #: The single-GPU baselines every configuration's speed-up is reported against.
 BASELINES: tuple[str, ...] = ("A", "B", "B*")
 WINDOW_MODES: tuple[str, ...] = ("reference", "cached", "off")
@@ -93,7 +99,8 @@ class SuiteSettings:
         schedule: hybrid schedule for ``E`` (``"adaptive"``, ``"never"``, ``(start, end)``...).
         repeat: timed calls per configuration (the median is reported); ``warmup_steps``: the short
             warm-up call.
-        engines: an engine directory (``accel export``) for the first backend; ``None`` compiles in memory.
+        engines: an engine directory (``accel export``) for the first backend (``S``, ``D``, ``E``; one
+            directory may hold the engines of a one-device and a two-device plan); ``None`` compiles in memory.
         plan: the plan file for ``E`` (the one the engines were exported from); ``None`` plans on the
             first hybrid call.
         seed: the seed of every call.
@@ -105,7 +112,7 @@ class SuiteSettings:
     width: int = 1024
     steps: int = 50
     guidance: float | None = None
-    configs: tuple[str, ...] = CONFIGS
+    configs: tuple[str, ...] = DEFAULT_CONFIGS
     backends: tuple[str, ...] = ("inductor",)
     window_modes: tuple[str, ...] = WINDOW_MODES
     schedule: Any = "adaptive"
@@ -141,6 +148,11 @@ class SuiteSettings:
     @property
     def device_kind(self) -> str:
         return "cpu" if self.tiny else "cuda"
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the configurations need: 2 with any of C, D, E, else 1."""
+        return 2 if any(c in self.configs for c in "CDE") else 1
 
 
 @dataclass
@@ -302,6 +314,15 @@ def single_gpu(s: SuiteSettings) -> dict[str, Measured]:
     if "B*" in s.configs:
         with _expert_compiled(pipe):
             out["B*"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B*", device)
+        torch._dynamo.reset()
+    if "S" in s.configs:
+        wrapped = Accelerator(devices=1, accelerator=s.device_kind).wrap(
+            pipe, backend=s.backends[0], engines=s.engines
+        )
+        try:
+            out[f"S-{s.backends[0]}"] = measure(wrapped, denoiser, s, f"S-{s.backends[0]}", device)
+        finally:
+            unwrap(wrapped)
     del pipe, denoiser
     torch._dynamo.reset()
     gc.collect()
@@ -406,7 +427,7 @@ def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None
 
     t0 = time.perf_counter()
     if on_phase is not None:
-        on_phase("one GPU: A, B")
+        on_phase("one GPU: A, B, B*, S")
     single = single_gpu(s)
     multi: dict[str, dict[str, Any]] = {}
     if any(c in s.configs for c in "CDE"):

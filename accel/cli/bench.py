@@ -54,9 +54,13 @@ def bench(
         min=1,
         help="Speed suite: timed calls per configuration. Start-up suite: fresh runs per mode (median shown).",
     ),
-    configs: str = typer.Option("A,B,B*,C,D,E", "--configs", help="Speed suite: subset of A,B,B*,C,D,E."),
+    configs: str = typer.Option(
+        "A,B,B*,C,D,E",
+        "--configs",
+        help="Speed suite: subset of A,B,B*,S,C,D,E (S: accel on one GPU with --engines; A, B, B*, S need one GPU).",
+    ),
     backends: str = typer.Option(
-        "inductor", "--backends", help="Speed suite: compiled backends for D (each) and E (the first)."
+        "inductor", "--backends", help="Speed suite: compiled backends for D (each) and S, E (the first)."
     ),
     window_modes: str = typer.Option(
         "reference,cached,off", "--window-modes", help="Speed suite: window guidance modes for E."
@@ -209,13 +213,6 @@ def _speed(
 
     from accel.bench.speed import SuiteSettings, parse_names, parse_schedule, run_suite, save
 
-    if not tiny and torch.cuda.device_count() < 2:
-        fail(
-            Console(stderr=True),
-            f"the speed suite needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}. Run it on a "
-            "2-GPU host, or pass --tiny for a CPU dry run.",
-            code=1,
-        )
     window = parse_schedule(schedule)
     try:
         settings = SuiteSettings(
@@ -234,6 +231,15 @@ def _speed(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if not tiny and torch.cuda.device_count() < settings.gpus:
+        needed = f"{settings.gpus} CUDA GPU{'s' if settings.gpus > 1 else ''}"
+        fail(
+            Console(stderr=True),
+            f"the speed suite needs {needed} for --configs {configs}; this machine has "
+            f"{torch.cuda.device_count()}. Run it on a host with {needed}, keep to the one-GPU configurations "
+            "(A,B,B*,S), or pass --tiny for a CPU dry run.",
+            code=1,
+        )
     if output == DEFAULT_QUALITY_OUTPUT:
         output = Path(f"accel-bench-{model}-{height}x{width}.json")
     with console.status("running the speed suite ...") as status:
