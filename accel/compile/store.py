@@ -353,15 +353,22 @@ class EngineStore:
     ) -> EngineCheck:
         """What refuses engine ``key`` for this stage here (``problems``) and what is only reported
         (``notes``: built for other weights, which this backend binds at load). A stage on the meta
-        device (``device``: where it will run) is checked for everything but its weights."""
+        device (``device``: where it will run) is checked for everything but its weights. For an engine
+        built with fused q/k/v projections the stage's model is fused first, as a load needs it."""
         impl = get_backend(backend)
         engines = self.read_manifest()["engines"]
         if key not in engines:
             return EngineCheck(key, None, [f"no engine {key!r} in {self.manifest_path}"], [])
         record = EngineRecord.from_dict({**engines[key], "key": key})
-        self._as_built(record, module)
-        want = self.expected(impl, module, example_inputs, device=device)
         problems: list[str] = self.entry_problems(key)
+        tuning = _tuning_or_none(record)
+        if tuning is None:
+            problems.append(f"built with tuning this accel does not know ({record.extra.get(TUNING)})")
+        elif tuning.fused_qkv:
+            # The engine holds the fused graph: the stage's model is fused the same way (once) before it is
+            # compared and bound.
+            _fuse_for(key, module)
+        want = self.expected(impl, module, example_inputs, device=device)
         notes: list[str] = []
         if record.backend != want["backend"]:
             problems.append(f"built with backend {record.backend!r}, this run uses {want['backend']!r}")
@@ -410,14 +417,6 @@ class EngineStore:
             elif sha256_file(path) != record.sha256:
                 problems.append(f"file {path} edited: checksum mismatch")
         return EngineCheck(key, record, problems, notes)
-
-    @staticmethod
-    def _as_built(record: EngineRecord, module: torch.nn.Module) -> None:
-        """Make the stage's model the graph the engine was built from: an engine built with fused q/k/v
-        projections serves a denoiser fused the same way, so it is fused here (once) before it is compared
-        and bound."""
-        if record_tuning(record).fused_qkv:
-            _fuse_for(record.key, module)
 
     def problems(
         self,
@@ -472,7 +471,7 @@ class EngineStore:
         with self.lock():
             kept = None if rebuild else self.records().get(key)
             if kept is not None:
-                # Tuning first: checking an engine built otherwise would make the stage its graph.
+                # Tuning first: checking an engine built fused would fuse the stage's model.
                 if _tuning_or_none(kept) != impl.tuning:
                     log.info(
                         "engine %r: built with other tuning; rebuilding with %s", key, impl.tuning.describe()
