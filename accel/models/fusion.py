@@ -49,8 +49,13 @@ def fuse(model: torch.nn.Module) -> None:
             "to diffusers denoisers that have it (UNet2DConditionModel, SD3Transformer2DModel, ...); export "
             "this model without --fuse-qkv."
         )
-    with torch.no_grad():
-        model.fuse_qkv_projections()  # type: ignore[operator]  # checked by can_fuse
+    try:
+        with torch.no_grad():
+            model.fuse_qkv_projections()  # type: ignore[operator]  # checked by can_fuse
+    except ValueError as exc:  # diffusers refuses some processors (added k/v projections, e.g. IP-Adapter)
+        raise FusionError(
+            f"{type(model).__name__}.fuse_qkv_projections refused: {exc} Export this model without --fuse-qkv."
+        ) from None
     setattr(model, _FUSED_BY_ACCEL, True)
 
 
