@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -166,13 +167,7 @@ def test_inspect_compares_engine_weights_with_a_model(runner, tmp_path) -> None:
     assert "built for other weights; a onnx engine holds its own copy of them" in entry["notes"]
 
 
-def _sd3_plan(runner, path) -> None:
-    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--devices", "2"]
-    made = runner.invoke(cli.app, [*args, "--warmup", "0", "--repeat", "1", "-o", str(path)])
-    assert made.exit_code == 0, made.output
-
-
-def test_plan_and_export_refuse_an_unwritable_output_and_bad_input(runner, tmp_path) -> None:
+def test_plan_and_export_refuse_an_unwritable_output_and_bad_input(runner, sd3_plan, tmp_path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--warmup", "0", "--repeat", "1"]
@@ -184,7 +179,7 @@ def test_plan_and_export_refuse_an_unwritable_output_and_bad_input(runner, tmp_p
     assert planned.exception is None or isinstance(planned.exception, SystemExit)
 
     plan = tmp_path / "p.json"
-    _sd3_plan(runner, plan)
+    shutil.copy(sd3_plan, plan)  # conftest's plan of the same arguments (2 devices, 64x64), made once
     exported = runner.invoke(cli.app, ["export", str(plan), "--backend", "onnx", "-o", str(blocker / "e")])
     assert exported.exit_code == 2, exported.output
     assert f"cannot write under {blocker}" in " ".join(exported.output.split())

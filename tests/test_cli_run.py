@@ -21,16 +21,6 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-@pytest.fixture(scope="module")
-def sd3_plan(runner, tmp_path_factory) -> Path:
-    """A 2-stage plan of the tiny SD3 transformer at 64x64 (profiled once, briefly)."""
-    plan = tmp_path_factory.mktemp("plan") / "sd3-64.plan.json"
-    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--devices", "2"]
-    made = runner.invoke(cli.app, [*args, "--warmup", "0", "--repeat", "1", "-o", str(plan)])
-    assert made.exit_code == 0, made.output
-    return plan
-
-
 def _files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*"))
 
@@ -212,19 +202,9 @@ def test_a_plan_checks_another_precision_without_a_false_weights_complaint(sd3_p
 
 
 @pytest.fixture(scope="module")
-def sd3_engines(sd3_plan, tmp_path_factory) -> Path:
-    """ONNX engines of every stage of ``sd3_plan`` (the denoiser only: the VAE decoder is not needed)."""
-    import torch
-
-    from accel.compile.engines import export_plan
-    from accel.plan import load_plan
-    from accel.source import ModelSource
-    from accel.targets import load_denoiser
-
-    denoiser, _ = load_denoiser(ModelSource.demo("sd3"), dtype=torch.float32, device="cpu")
-    directory = tmp_path_factory.mktemp("engines") / "engines"
-    with torch.no_grad():
-        export_plan(load_plan(sd3_plan), denoiser, "onnx", directory)
+def sd3_engines(sd3_onnx_export) -> Path:
+    """ONNX engines of every stage of ``sd3_plan`` (conftest: one `accel export` for the session)."""
+    directory, _ = sd3_onnx_export
     return directory
 
 

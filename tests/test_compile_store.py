@@ -151,37 +151,23 @@ def test_concurrent_export_waits_then_times_out(engines: Path) -> None:
 
 
 # -- accel export ------------------------------------------------------------------------------------------
-def test_cli_export_writes_engines_and_second_run_exports_nothing(tmp_path: Path, monkeypatch) -> None:
+def test_cli_export_writes_engines_and_second_run_exports_nothing(
+    sd3_plan: Path, sd3_onnx_export: tuple[Path, str], monkeypatch
+) -> None:
+    """The first `accel export` is conftest's (its engines also serve test_cli_run); this test checks what
+    it wrote and said, then exports again."""
     from accel.cli.app import app
-    from accel.plan import build_plan
-    from accel.source import ModelSource
-    from accel.targets import load_denoiser
+    from accel.plan import load_plan
 
-    model, _ = load_denoiser(ModelSource.demo("sd3"), dtype=torch.float32, device="cpu")
-    plan = build_plan(
-        model,
-        source={"kind": "demo", "name": "sd3"},
-        height=128,
-        width=128,
-        devices=2,
-        text_len=16,
-        warmup=0,
-        repeat=1,
-        count_flops=False,
-    )
-    plan_file = plan.save(tmp_path / "plan.json")
+    plan = load_plan(sd3_plan)
+    out, first_output = sd3_onnx_export
     runner = CliRunner()
-    out = tmp_path / "engines"
-    args = ["export", str(plan_file), "--backend", "onnx", "-o", str(out)]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
+    args = ["export", str(sd3_plan), "--backend", "onnx", "-o", str(out)]
     keys = set(EngineStore(out).records())
-    window = {
-        f"window.s{k}.u{lo}-{hi}.128x128.b1" for k, s in enumerate(plan.stages) for lo, hi in s.segments
-    }
-    # The pipeline's VAE decoder too (latent size 16x16, one image per prompt, fp32 like the plan).
-    assert keys == {"cfg.full.128x128.b1", *window, "vae.decoder.16x16.b1.float32"}
-    assert f"wrote {len(keys)} engine(s), kept 0 that fit" in " ".join(result.output.split())
+    window = {f"window.s{k}.u{lo}-{hi}.64x64.b1" for k, s in enumerate(plan.stages) for lo, hi in s.segments}
+    # The pipeline's VAE decoder too (latent size 8x8, one image per prompt, fp32 like the plan).
+    assert keys == {"cfg.full.64x64.b1", *window, "vae.decoder.8x8.b1.float32"}
+    assert f"wrote {len(keys)} engine(s), kept 0 that fit" in " ".join(first_output.split())
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{k}.onnx" for k in keys] + ["manifest.json"])
 
     def no_export(*a: Any, **k: Any) -> Any:
@@ -192,7 +178,7 @@ def test_cli_export_writes_engines_and_second_run_exports_nothing(tmp_path: Path
     assert result.exit_code == 0, result.output
     assert f"wrote 0 engine(s), kept {len(keys)} that fit" in " ".join(result.output.split())
 
-    result = runner.invoke(app, ["export", str(plan_file), "--backend", "tvm", "-o", str(out)])
+    result = runner.invoke(app, ["export", str(sd3_plan), "--backend", "tvm", "-o", str(out)])
     assert result.exit_code != 0 and "tvm" in result.output
 
 

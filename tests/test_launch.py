@@ -180,14 +180,10 @@ def test_a_signal_stops_accel_run_promptly_with_one_line(tmp_path, signame, code
     assert not (tmp_path / "x.png").exists()
 
 
-def test_a_signal_stops_accel_export_with_a_message(tmp_path) -> None:
+def test_a_signal_stops_accel_export_with_a_message(sd3_plan, tmp_path) -> None:
     import signal
 
-    plan = tmp_path / "p.json"
-    args = ["plan", "--demo", "sd3", "--height", "64", "--width", "64", "--devices", "2"]
-    made = CliRunner().invoke(cli.app, [*args, "--warmup", "0", "--repeat", "1", "-o", str(plan)])
-    assert made.exit_code == 0, made.output
-    export = ["export", str(plan), "--backend", "onnx", "-o", str(tmp_path / "engines")]
+    export = ["export", str(sd3_plan), "--backend", "onnx", "-o", str(tmp_path / "engines")]
     got, stderr, _ = _interrupt_after(export, "", signal.SIGINT, 6.0)
     assert got == 130, stderr
     assert stderr.strip().splitlines()[-1] == "accel: interrupted (SIGINT), stopped.", stderr

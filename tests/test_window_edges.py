@@ -4,8 +4,10 @@ under another LoRA scale, extra denoiser calls per step (skip-layer guidance), 3
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 import accel
@@ -34,6 +36,29 @@ def _sd3_call(pipe: Any, *, steps: int, **call: Any) -> torch.Tensor:
     ).images
 
 
+# -- one launch of 2 gloo processes for the module's three distributed tests ---------------------------------
+WORKLOADS = ("lora", "extra-calls", "oracle")
+
+
+def _worker(acc: accel.Accelerator, out_dir: str) -> None:
+    """The three tests' workloads in one launch: a gloo start-up costs ~5 s on 2 CPU cores, paid once, not
+    per test. Each workload builds its own pipelines and writes to its own subfolder, as a launch of its own
+    would."""
+    workers = {"lora": _lora_worker, "extra-calls": _extra_calls_worker, "oracle": _oracle_worker}
+    for name in WORKLOADS:
+        workers[name](acc, f"{out_dir}/{name}")
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder holding each workload's subfolder of ``rank{r}.pt`` files."""
+    out = tmp_path_factory.mktemp("window-edges")
+    for name in WORKLOADS:
+        (out / name).mkdir()
+    accel.Accelerator(devices=2, accelerator="cpu", strategy="hybrid").launch(_worker, str(out))
+    return out
+
+
 # -- compiled window segments follow what their graph depends on -------------------------------------------
 def _lora_worker(acc: accel.Accelerator, out_dir: str) -> None:
     pipe = build_pipeline("sd3")
@@ -55,12 +80,11 @@ def _lora_worker(acc: accel.Accelerator, out_dir: str) -> None:
     torch.save(results, f"{out_dir}/rank{acc.rank}.pt")
 
 
-def test_compiled_window_segments_follow_the_lora_scale(tmp_path) -> None:
+def test_compiled_window_segments_follow_the_lora_scale(launched: Path) -> None:
     """A second call at the same shape with another LoRA scale gets segments built for it (it crashed
     on the first call's segments, which were cached by tensor shapes only)."""
-    accel.Accelerator(devices=2, accelerator="cpu", strategy="hybrid").launch(_lora_worker, str(tmp_path))
     for rank in range(2):
-        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        results = torch.load(launched / "lora" / f"rank{rank}.pt", weights_only=False)
         assert results["compiled-windows"] == results["eager-windows"] == (2, 3)
         for compiled, eager in zip(results["compiled"], results["eager"], strict=True):
             torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
@@ -155,7 +179,7 @@ def _extra_calls_worker(acc: accel.Accelerator, out_dir: str) -> None:
     torch.save(results, f"{out_dir}/rank{acc.rank}.pt")
 
 
-def test_extra_denoiser_calls_and_three_branch_batches(tmp_path) -> None:
+def test_extra_denoiser_calls_and_three_branch_batches(launched: Path) -> None:
     """Skip-layer guidance and perturbed-attention guidance are exact with strategy="cfg", and a step of
     the schedule is a pipeline step: skip-layer guidance's extra call per step neither moves the window,
     nor feeds the rate rule, nor enters the window; PAG's 3-branch batch is never cut mid-branch."""
@@ -166,10 +190,7 @@ def test_extra_denoiser_calls_and_three_branch_batches(tmp_path) -> None:
         reference = {name: _run(pipes[which], call)[0] for name, which, call in EXTRA_CALL_CASES}
     finally:
         torch.set_num_threads(threads)
-    accel.Accelerator(devices=2, accelerator="cpu", strategy="hybrid").launch(
-        _extra_calls_worker, str(tmp_path)
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(launched / "extra-calls" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, _, call in EXTRA_CALL_CASES:
         (images, steps), report = ranks[0][f"cfg/{name}"]
         assert torch.equal(images, ranks[1][f"cfg/{name}"][0][0]), f"{name}: ranks disagree"
@@ -249,12 +270,11 @@ def _exact_boundary(adapter: Any, edges: list[Any], owner: list[int], args: Any,
     return found
 
 
-def test_window_steps_equal_an_oracle_of_one_step_stale_activations(tmp_path) -> None:
+def test_window_steps_equal_an_oracle_of_one_step_stale_activations(launched: Path) -> None:
     """Each window step's prediction is what the two stages compute on this step's inputs and the
     boundary tensors the other stage produced exactly one step earlier (the first window step: those of
     the last CFG step). Reading a wrong receive slot (fresh, two steps old, or never written) fails it."""
-    accel.Accelerator(devices=2, accelerator="cpu", strategy="hybrid").launch(_oracle_worker, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(launched / "oracle" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     plan = Plan.from_dict(ranks[0]["plan"])
     stages = [sorted(tuple(seg) for seg in stage.segments) for stage in plan.stages]
     owner = plan.stage_of_units()
