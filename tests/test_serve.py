@@ -297,10 +297,18 @@ def test_a_full_queue_gets_429_with_retry_after(server) -> None:
 
 def test_a_client_that_disconnects_before_its_batch_starts_is_dropped(server) -> None:
     dropped = _metric(server, 'accel_serve_errors_total{kind="disconnected"}')
-    blocker = _blocker(server)
+    # The client gives up well before the blocker ends (100 steps, the most a request may ask for, take
+    # seconds on an idle machine too), so its request is still queued when it disconnects.
+    blocker = _blocker(server, steps=100)
     with pytest.raises(httpx.ReadTimeout):
-        _generate(server, timeout=1.0, seed=3)
+        _generate(server, timeout=0.3, seed=3)
+    assert not blocker.done()
     assert blocker.result().status_code == 200
+    # The server drops the request when its batch would start, just after the blocker's response.
+    deadline = time.monotonic() + 10
+    while _metric(server, 'accel_serve_errors_total{kind="disconnected"}') < dropped + 1:
+        assert time.monotonic() < deadline, "the disconnected request was not dropped"
+        time.sleep(0.05)
     assert _metric(server, 'accel_serve_errors_total{kind="disconnected"}') == dropped + 1
 
 
