@@ -16,6 +16,7 @@ from pathlib import Path
 
 from accel.bench.speed import (
     DEFAULT_CONFIGS,
+    EXPERT_MODES,
     WINDOW_MODES,
     SuiteSettings,
     parse_names,
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--engines", default=None)
     parser.add_argument("--plan", default=None)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--expert-mode", choices=EXPERT_MODES, default="max-autotune")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -55,6 +57,7 @@ def main() -> None:
         engines=args.engines,
         plan=args.plan,
         tiny=args.tiny,
+        expert_mode=args.expert_mode,
     )
     result = run_suite(settings, on_phase=lambda phase: logging.info("phase: %s", phase))
     save(result, args.output)

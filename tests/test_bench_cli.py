@@ -19,7 +19,7 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert set(data["configs"]) == {"A", "S-inductor", "C"}
-    assert data["tiny"] is True and data["steps"] == 2
+    assert data["tiny"] is True and data["steps"] == 2 and data["expert_mode"] == "max-autotune"
     # S is accel on one device, compiled: the same math as A up to the compiler's reordering.
     assert data["configs"]["S-inductor"]["latent_max_abs_err"] < 1e-3
     assert data["configs"]["S-inductor"]["compiled_stages"] >= 1
@@ -49,6 +49,18 @@ def test_bench_refuses_bad_input(tmp_path: Path) -> None:
     assert one.exit_code == 1 and "needs 1 CUDA GPU for --configs A,B*,S" in one.output
     bad = runner.invoke(app, ["bench", "--model", "sdxl", "--tiny", "--configs", "A,Z"])
     assert bad.exit_code != 0 and "unknown configurations ['Z']" in bad.output
+    from accel.bench.report import describe
+
+    # B*'s compile mode is part of its description (results without it used max-autotune).
+    assert describe("B*").endswith("torch.compile (max-autotune), 1 GPU")
+    assert describe("B*", "reduce-overhead").endswith("torch.compile (reduce-overhead), 1 GPU")
+    mode = runner.invoke(
+        app, ["bench", "--model", "sdxl", "--tiny", "--expert-mode", "fast"], env={"COLUMNS": "250"}
+    )
+    assert (
+        mode.exit_code != 0
+        and "expert mode 'fast' is not one of max-autotune, reduce-overhead" in mode.output
+    )
     missing = runner.invoke(app, ["bench", "--report", str(tmp_path / "nope.json")])
     assert missing.exit_code == 1 and "no such result file" in missing.output
     assert not (tmp_path / "x.json").exists()

@@ -14,7 +14,7 @@ DESCRIPTIONS: dict[str, str] = {
     "A": "diffusers eager, 1 GPU",
     "B": "diffusers + torch.compile (reduce-overhead), 1 GPU",
     "B*": "diffusers + the recipe by hand (fused qkv, channels-last, inductor tuning) + torch.compile "
-    "(max-autotune), 1 GPU",
+    "({mode}), 1 GPU",
     "S": "accel, {backend}, 1 GPU",
     "C": "accel CFG split, eager, 2 GPUs",
     "D": "accel CFG split, {backend}, 2 GPUs",
@@ -22,12 +22,13 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def describe(name: str) -> str:
-    """A configuration name (``A``, ``D-inductor``, ``E-inductor-cached``) in words."""
+def describe(name: str, expert_mode: str = "max-autotune") -> str:
+    """A configuration name (``A``, ``D-inductor``, ``E-inductor-cached``) in words; ``expert_mode`` is
+    B*'s compile mode (results written before it was recorded used max-autotune)."""
     parts = name.split("-")
     template = DESCRIPTIONS.get(parts[0], name)
     backend = parts[1] if len(parts) > 1 else ""
-    mode = parts[2] if len(parts) > 2 else ""
+    mode = parts[2] if len(parts) > 2 else expert_mode if parts[0] == "B*" else ""
     return template.format(backend=backend, mode=mode)
 
 
@@ -72,7 +73,7 @@ def markdown(result: dict[str, Any]) -> str:
             + " | ".join(
                 [
                     name,
-                    describe(name),
+                    describe(name, result.get("expert_mode", "max-autotune")),
                     _fmt(entry["loop_median_s"]),
                     _fmt(entry["e2e_median_s"]),
                     _fmt(r.get("loop_vs_A"), 2),

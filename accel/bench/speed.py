@@ -7,7 +7,8 @@ Configurations (letters as in ``docs/benchmarks/README.md``):
 - ``B*``: what an expert user runs on one GPU: diffusers with the math-preserving recipe of the PyTorch
   "accelerating generative AI" study applied by hand (fused q/k/v projections, channels-last denoiser and
   VAE, inductor's ``conv_1x1_as_mm`` and coordinate-descent tuning) and ``torch.compile`` of the denoiser
-  and the VAE decoder with ``mode="max-autotune"``;
+  and the VAE decoder with ``mode="max-autotune"`` (``expert_mode="reduce-overhead"``: the same recipe
+  without GEMM autotuning, which measured slower for SD3-medium and takes more than 10 minutes for SDXL);
 - ``S``: accel on one GPU (both guidance branches in one call) with the first of ``backends`` and the
   engines given (export them from a one-device plan, e.g. with ``--fuse-qkv``), what accel adds on a
   single GPU;
@@ -68,6 +69,8 @@ DEFAULT_CONFIGS: tuple[str, ...] = ("A", "B", "B*", "C", "D", "E")
 #: The single-GPU baselines every configuration's speed-up is reported against.
 BASELINES: tuple[str, ...] = ("A", "B", "B*")
 WINDOW_MODES: tuple[str, ...] = ("reference", "cached", "off")
+#: ``torch.compile`` modes B* may use on a GPU (the recipe's inductor settings apply to both).
+EXPERT_MODES: tuple[str, ...] = ("max-autotune", "reduce-overhead")
 GUIDANCE: dict[str, float] = {"sdxl": 5.0, "sd3": 7.0}
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
@@ -105,6 +108,7 @@ class SuiteSettings:
             first hybrid call.
         seed: the seed of every call.
         tiny: run the tiny offline pipelines on the CPU (a dry run).
+        expert_mode: B*'s ``torch.compile`` mode on a GPU, one of :data:`EXPERT_MODES`.
     """
 
     model: str = "sdxl"
@@ -122,8 +126,11 @@ class SuiteSettings:
     plan: str | None = None
     seed: int = 0
     tiny: bool = False
+    expert_mode: str = "max-autotune"
 
     def __post_init__(self) -> None:
+        if self.expert_mode not in EXPERT_MODES:
+            raise ValueError(f"expert mode {self.expert_mode!r} is not one of {', '.join(EXPERT_MODES)}.")
         if self.model not in GUIDANCE:
             raise ValueError(f"model {self.model!r} is not one of {', '.join(GUIDANCE)}.")
         unknown = sorted(set(self.configs) - set(CONFIGS))
@@ -269,7 +276,7 @@ RECIPE_INDUCTOR = {
 
 
 @contextlib.contextmanager
-def _expert_compiled(pipe: Any) -> Iterator[None]:
+def _expert_compiled(pipe: Any, mode: str = "max-autotune") -> Iterator[None]:
     """Configuration B*: the recipe applied by hand to the whole denoiser and the VAE, then
     ``torch.compile``; everything put back afterwards (projections unfused, contiguous weights)."""
     import torch._inductor.config as inductor_config
@@ -277,7 +284,7 @@ def _expert_compiled(pipe: Any) -> Iterator[None]:
     name = _denoiser_name(pipe)
     original, vae = getattr(pipe, name), pipe.vae
     fusable = [m for m in (original, vae) if fusion.can_fuse(m)]
-    mode = None if original.device.type == "cpu" else "max-autotune"
+    compile_mode = None if original.device.type == "cpu" else mode  # inductor's CPU defaults: the dry run
     for module in fusable:
         fusion.fuse(module)
     for module in (original, vae):
@@ -285,8 +292,8 @@ def _expert_compiled(pipe: Any) -> Iterator[None]:
     try:
         # Compilation happens at the first call, inside this patch.
         with inductor_config.patch(RECIPE_INDUCTOR):
-            setattr(pipe, name, torch.compile(original, mode=mode, fullgraph=True))
-            vae.decode = torch.compile(vae.decode, mode=mode, fullgraph=True)
+            setattr(pipe, name, torch.compile(original, mode=compile_mode, fullgraph=True))
+            vae.decode = torch.compile(vae.decode, mode=compile_mode, fullgraph=True)
             yield
     finally:
         setattr(pipe, name, original)
@@ -312,7 +319,7 @@ def single_gpu(s: SuiteSettings) -> dict[str, Measured]:
             out["B"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B", device)
         torch._dynamo.reset()
     if "B*" in s.configs:
-        with _expert_compiled(pipe):
+        with _expert_compiled(pipe, s.expert_mode):
             out["B*"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B*", device)
         torch._dynamo.reset()
     if "S" in s.configs:
@@ -464,6 +471,7 @@ def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None
         "backends": list(s.backends),
         "engines": s.engines,
         "plan": s.plan,
+        "expert_mode": s.expert_mode,
         "environment": environment(),
         "versions": versions(),
         "date": time.strftime("%Y-%m-%d"),

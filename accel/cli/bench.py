@@ -70,6 +70,12 @@ def bench(
         None, "--engines", help="Speed suite: engine directory for the first backend."
     ),
     plan: Path = typer.Option(None, "--plan", help="Speed suite: the plan file for E (the engines' plan)."),
+    expert_mode: str = typer.Option(
+        "max-autotune",
+        "--expert-mode",
+        help="Speed suite: B*'s torch.compile mode on a GPU, max-autotune or reduce-overhead (the recipe "
+        "without GEMM autotuning, minutes less compilation).",
+    ),
     tiny: bool = typer.Option(False, "--tiny", help="Speed suite: tiny pipelines on the CPU (a dry run)."),
     report_files: list[Path] = typer.Option(
         None, "--report", help="Rewrite README.md and latency.png beside these speed-suite JSON files."
@@ -117,6 +123,7 @@ def bench(
             plan,
             tiny,
             output,
+            expert_mode,
         )
         return
     # Deferred (here and below): the suites import torch and diffusers; `accel --help` imports this module.
@@ -208,6 +215,7 @@ def _speed(
     plan: Path | None,
     tiny: bool,
     output: Path,
+    expert_mode: str,
 ) -> None:
     import torch
 
@@ -228,6 +236,7 @@ def _speed(
             engines=None if engines is None else str(engines),
             plan=None if plan is None else str(plan),
             tiny=tiny,
+            expert_mode=expert_mode,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
