@@ -28,7 +28,7 @@ def describe(name: str, expert_mode: str = "max-autotune") -> str:
     parts = name.split("-")
     template = DESCRIPTIONS.get(parts[0], name)
     backend = parts[1] if len(parts) > 1 else ""
-    mode = parts[2] if len(parts) > 2 else expert_mode if parts[0] == "B*" else ""
+    mode = expert_mode if parts[0] == "B*" else parts[2] if len(parts) > 2 else ""
     return template.format(backend=backend, mode=mode)
 
 

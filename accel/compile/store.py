@@ -164,13 +164,12 @@ def _tuning_or_none(record: EngineRecord) -> Tuning | None:
 def _fuse_for(key: str, module: torch.nn.Module) -> None:
     """Fuse the q/k/v projections of the stage's model for engine ``key`` (:mod:`accel.models.fusion`)."""
     model = getattr(module, "model", module)
-    if fusion.is_fused(model):
-        return
     try:
-        fusion.fuse(model)
+        fused_now = fusion.fuse(model)
     except fusion.FusionError as exc:
         raise EngineError(f"engine {key!r} has fused q/k/v projections: {exc}") from None
-    log.info("engine %r: fused the q/k/v projections of %s", key, type(model).__name__)
+    if fused_now:
+        log.info("engine %r: fused the q/k/v projections of %s", key, type(model).__name__)
 
 
 def graph_fingerprint(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> str:

@@ -39,10 +39,11 @@ def is_fused(model: torch.nn.Module) -> bool:
     return any(getattr(m, "fused_projections", False) for m in model.modules())
 
 
-def fuse(model: torch.nn.Module) -> None:
-    """Fuse the attention projections of ``model`` in place (a fused model is left as it is)."""
+def fuse(model: torch.nn.Module) -> bool:
+    """Fuse the attention projections of ``model`` in place; False when it was fused already (left as it
+    is)."""
     if is_fused(model):
-        return
+        return False
     if not can_fuse(model):
         raise FusionError(
             f"{type(model).__name__} has no fuse_qkv_projections: engines with fused q/k/v projections apply "
@@ -57,6 +58,7 @@ def fuse(model: torch.nn.Module) -> None:
             f"{type(model).__name__}.fuse_qkv_projections refused: {exc} Export this model without --fuse-qkv."
         ) from None
     setattr(model, _FUSED_BY_ACCEL, True)
+    return True
 
 
 def refresh(model: torch.nn.Module) -> None:
