@@ -319,8 +319,22 @@ class Tuning:
 
     @classmethod
     def full(cls) -> Tuning:
-        """Every option on: what ``accel export --tune`` builds."""
+        """Every option on: what ``accel export --tune all`` builds."""
         return cls(conv_1x1_as_mm=True, coordinate_descent=True, autotune=True, fused_qkv=True)
+
+    @classmethod
+    def parse(cls, names: Iterable[str]) -> Tuning:
+        """The options named (field names, comma-separated or one per item; ``"all"``: :meth:`full`)."""
+        parts = [part.strip() for name in names for part in name.split(",") if part.strip()]
+        if "all" in parts:
+            return cls.full()
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(parts) - set(valid))
+        if unknown:
+            raise SettingsError(
+                f"tuning options {', '.join(map(repr, unknown))} are unknown; choose from all, {', '.join(valid)}."
+            )
+        return cls(**dict.fromkeys(parts, True))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Tuning:

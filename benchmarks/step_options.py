@@ -23,7 +23,13 @@ default (inductor); conv_1x1_as_mm; coordinate_descent; fused_qkv (diffusers' ``
 channels_last (weights and latents); sdpa-math, sdpa-flash, sdpa-cudnn, sdpa-efficient (the SDPA
 backend allowed while compiling and calling); gemm-autotune (``max_autotune_gemm``); autotune
 (``max_autotune``: minutes per shape); blaslt (cuBLASLt as the preferred BLAS library for the ATen
-matrix products). ``recipe`` names conv_1x1_as_mm + coordinate_descent + fused_qkv.
+matrix products); cudnn-benchmark (``torch.backends.cudnn.benchmark``: cuDNN times its convolution
+algorithms per shape at the first call and keeps the fastest). ``recipe`` names conv_1x1_as_mm +
+coordinate_descent + fused_qkv.
+
+``--profile`` adds, per option, where the GPU time of one call goes: kernel time summed by kind
+(matrix products, convolutions, attention, generated Triton kernels, other) from torch's profiler, with
+the busiest kernels named, and the share of the call the GPU is busy.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ ATOMS = (
     "gemm-autotune",
     "autotune",
     "blaslt",
+    "cudnn-benchmark",
 )
 #: named combinations
 COMBINED = {
@@ -114,6 +121,7 @@ def _arguments() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="the tiny pipelines, fp32 (a dry run)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", action="store_true", help="GPU kernel time by kind per option")
     p.add_argument("-o", "--output", type=Path, required=True, help="output stem (.json, .md)")
     return p.parse_args()
 
@@ -132,12 +140,15 @@ def _applied(option: str, model: torch.nn.Module) -> Iterator[None]:
     backends = [getattr(SDPBackend, SDPA[a]) for a in parts if a in SDPA]
     context = sdpa_kernel(backends) if backends else contextlib.nullcontext()
     blas = torch.backends.cuda.preferred_blas_library()
+    benchmark = torch.backends.cudnn.benchmark
     if "blaslt" in parts:
         torch.backends.cuda.preferred_blas_library("cublaslt")
+    torch.backends.cudnn.benchmark = benchmark or "cudnn-benchmark" in parts
     try:
         with context:
             yield
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         torch.backends.cuda.preferred_blas_library(blas)
         if "channels_last" in parts:
             model.to(memory_format=torch.contiguous_format)
@@ -241,6 +252,55 @@ def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[
     return replay
 
 
+#: kernel kinds, the first whose name fragments a kernel's name contains (lower case) wins
+KINDS = (
+    ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
+    ("convolution", ("conv", "fprop", "implicit_convolve", "winograd")),
+    (
+        "matrix product",
+        ("gemm", "nvjet", "cutlass", "cublas", "triton_tem", "_mm_", "sm90_xmma", "sm80_xmma"),
+    ),
+    ("triton generated", ("triton",)),
+)
+
+
+def kind_of(kernel: str) -> str:
+    """The kind of GPU kernel ``kernel`` names (see :data:`KINDS`), else ``"other"``."""
+    name = kernel.lower()
+    return next((kind for kind, parts in KINDS if any(p in name for p in parts)), "other")
+
+
+def profiled(call: Callable[[], torch.Tensor], device: torch.device, calls: int = 3) -> dict[str, Any]:
+    """GPU kernel time of one ``call`` by kind (ms, averaged over ``calls``), its 8 busiest kernels, and
+    the call's wall time on the GPU stream (so busy share = kernel time / wall time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(calls):
+            call()
+        end.record()
+        torch.cuda.synchronize(device)
+    kinds: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = event.time_range.elapsed_us() / 1000 / calls
+        kinds[kind_of(event.name)] = kinds.get(kind_of(event.name), 0.0) + ms
+        kernels[event.name] = kernels.get(event.name, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:8]
+    return {
+        "kernel_ms": sum(kinds.values()),
+        "wall_ms": start.elapsed_time(end) / calls,
+        "by_kind_ms": dict(sorted(kinds.items(), key=lambda item: -item[1])),
+        "top_kernels_ms": [[name[:120], ms] for name, ms in top],
+    }
+
+
 def measure(
     model: torch.nn.Module, option: str, batch: int, args: argparse.Namespace, ref: torch.Tensor
 ) -> dict:
@@ -265,6 +325,7 @@ def measure(
         timed = _graphed(call, device) if graphs else call
         times = _timed(timed, args.warmup, args.repeat, device)
         out = timed().clone()
+        profile = profiled(call, device) if args.profile and device.type == "cuda" else None
     diff = (out.float() - ref.float()).contiguous()
     return {
         "option": option,
@@ -275,6 +336,7 @@ def measure(
         "first_call_s": compile_s,
         "max_abs_diff": float(diff.abs().max()),
         "rel_l2": float(diff.norm() / ref.float().norm().clamp_min(1e-30)),
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -301,6 +363,24 @@ def markdown(result: dict[str, Any]) -> str:
     for batch, choices in result.get("sdpa_default", {}).items():
         picked = "; ".join(f"{label} x{n}" for label, n in choices.items()) or "no SDPA call"
         lines.append(f"\nbatch {batch}: SDPA backend torch picks by default: {picked}")
+    profiled_rows = [row for row in result["rows"] if row.get("profile")]
+    if profiled_rows:
+        kinds = list(dict.fromkeys(k for row in profiled_rows for k in row["profile"]["by_kind_ms"]))
+        lines += [
+            "",
+            "GPU kernel time per call by kind, ms (profiler, kernels launched one by one; busy = kernel time "
+            "/ time on the stream):",
+            "",
+            "| batch | option | " + " | ".join(kinds) + " | all kernels | busy |",
+            "|---:|---|" + "---:|" * (len(kinds) + 2),
+        ]
+        for row in profiled_rows:
+            prof = row["profile"]
+            cells = " | ".join(f"{prof['by_kind_ms'].get(k, 0.0):.2f}" for k in kinds)
+            busy = prof["kernel_ms"] / prof["wall_ms"] if prof["wall_ms"] else float("nan")
+            lines.append(
+                f"| {row['batch']} | {row['option']} | {cells} | {prof['kernel_ms']:.2f} | {busy:.0%} |"
+            )
     for failed in result.get("failed", []):
         lines.append(f"\nbatch {failed['batch']} {failed['option']}: failed ({failed['error']})")
     return "\n".join(lines) + "\n"

@@ -59,7 +59,11 @@ def main() -> None:
         tiny=args.tiny,
         expert_mode=args.expert_mode,
     )
-    result = run_suite(settings, on_phase=lambda phase: logging.info("phase: %s", phase))
+    result = run_suite(
+        settings,
+        on_phase=lambda phase: logging.info("phase: %s", phase),
+        on_partial=lambda partial: save(partial, args.output),  # a run cut short keeps what it measured
+    )
     save(result, args.output)
     logging.info("wrote %s\n%s", args.output, json.dumps(result["ratios"], indent=2))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from accel.cli.app import app
@@ -12,13 +13,25 @@ from accel.cli.app import app
 runner = CliRunner()
 
 
-def test_speed_suite_dry_run_and_report(tmp_path: Path) -> None:
+def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from accel.bench import speed
+
+    saved: list[tuple[list[str], bool]] = []
+    real_save = speed.save
+
+    def recorded(result: dict, path: Path) -> None:
+        saved.append((list(result["configs"]), result["complete"]))
+        real_save(result, path)
+
+    monkeypatch.setattr(speed, "save", recorded)
     out = tmp_path / "tiny.json"
     args = ["bench", "--model", "sdxl", "--tiny", "--configs", "A,S,C", "--steps", "2", "--repeat", "1"]
     result = runner.invoke(app, [*args, "--height", "64", "--width", "64", "-o", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert set(data["configs"]) == {"A", "S-inductor", "C"}
+    # Each one-GPU configuration is saved as soon as it is measured: a run cut short keeps them.
+    assert saved == [(["A"], False), (["A", "S-inductor"], False), (["A", "S-inductor", "C"], True)]
     assert data["tiny"] is True and data["steps"] == 2 and data["expert_mode"] == "max-autotune"
     # S is accel on one device, compiled: the same math as A up to the compiler's reordering.
     assert data["configs"]["S-inductor"]["latent_max_abs_err"] < 1e-3

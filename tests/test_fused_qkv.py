@@ -71,14 +71,16 @@ def test_fusing_keeps_the_output_and_the_fingerprint_follows_edits_and_unfusing_
 def test_a_module_without_fusable_projections_is_refused_with_the_fix() -> None:
     from diffusers.models.attention_processor import AttnAddedKVProcessor
 
-    with pytest.raises(fusion.FusionError, match="without --fuse-qkv"):
+    with pytest.raises(fusion.FusionError, match="without fused_qkv in --tune"):
         fusion.fuse(torch.nn.Linear(4, 4))
     # diffusers refuses to fuse attention with added k/v projections (IP-Adapter style processors).
     unet = build_pipeline("sdxl").unet
     processors = dict(unet.attn_processors)
     processors[next(iter(processors))] = AttnAddedKVProcessor()
     unet.set_attn_processor(processors)
-    with pytest.raises(fusion.FusionError, match="refused: .*added KV projections.* without --fuse-qkv"):
+    with pytest.raises(
+        fusion.FusionError, match="refused: .*added KV projections.* without fused_qkv in --tune"
+    ):
         fusion.fuse(unet)
     assert not fusion.is_fused(unet)
 
@@ -94,7 +96,7 @@ def test_fused_engines_are_recorded_and_a_run_fuses_loads_follows_edits_and_unwr
     assert made.exit_code == 0, made.output
     engines = tmp_path / "engines"
     done = CliRunner().invoke(
-        app, ["export", str(plan), "--backend", "aot", "--fuse-qkv", "--no-vae", "-o", str(engines)]
+        app, ["export", str(plan), "--backend", "aot", "--tune", "fused_qkv", "--no-vae", "-o", str(engines)]
     )
     assert done.exit_code == 0, done.output
     (record,) = EngineStore(engines).records().values()

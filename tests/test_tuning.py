@@ -37,6 +37,17 @@ def test_tuning_is_validated_and_names_inductor_options() -> None:
         Tuning.from_dict({"fast_math": True})
     with pytest.raises(SettingsError, match="autotune='yes' must be True or False"):
         Tuning(autotune="yes")  # type: ignore[arg-type]
+    # What `accel export --tune` takes: names comma-separated or repeated, or "all".
+    assert Tuning.parse(["fused_qkv,coordinate_descent", "conv_1x1_as_mm"]) == Tuning(
+        fused_qkv=True, coordinate_descent=True, conv_1x1_as_mm=True
+    )
+    assert Tuning.parse(["all"]) == Tuning.full() and Tuning.parse([]) == Tuning()
+    with pytest.raises(SettingsError, match="'fast' are unknown; choose from all, conv_1x1_as_mm"):
+        Tuning.parse(["fused_qkv,fast"])
+    result = CliRunner().invoke(
+        cli.app, ["export", "missing.plan.json", "--backend", "aot", "--tune", "fast"]
+    )
+    assert result.exit_code == 2 and "'fast' are unknown" in " ".join(result.output.split())
 
 
 def test_backends_that_take_no_tuning_refuse_it_and_inductor_refuses_a_mode_beside_it() -> None:
@@ -45,7 +56,9 @@ def test_backends_that_take_no_tuning_refuse_it_and_inductor_refuses_a_mode_besi
     assert get_backend("onnx", Tuning()).name == "onnx"
     with pytest.raises(BackendError, match="mode 'max-autotune' and tuning"):
         InductorBackend(mode="max-autotune").tuned(Tuning(coordinate_descent=True)).compile(_module(), INPUTS)
-    result = CliRunner().invoke(cli.app, ["export", "missing.plan.json", "--backend", "onnx", "--tune"])
+    result = CliRunner().invoke(
+        cli.app, ["export", "missing.plan.json", "--backend", "onnx", "--tune", "all"]
+    )
     assert result.exit_code == 2 and "takes no tuning options" in " ".join(result.output.split())
 
 
@@ -55,7 +68,7 @@ def test_a_tuned_aot_engine_is_recorded_shown_loaded_as_built_and_rebuilt_for_ot
     module, directory = _module(), tmp_path / "engines"
     store = EngineStore(directory)
     # On CPU, autotuning's GEMM templates would pack the weights into the package: refused with the reason.
-    with pytest.raises(BackendError, match="export CPU engines without --tune"):
+    with pytest.raises(BackendError, match="export CPU engines without autotune in --tune"):
         store.export(KEY, get_backend("aot", Tuning(autotune=True)), module, INPUTS)
     tuning = Tuning(conv_1x1_as_mm=True, coordinate_descent=True)
     with torch.no_grad():

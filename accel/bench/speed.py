@@ -10,7 +10,7 @@ Configurations (letters as in ``docs/benchmarks/README.md``):
   and the VAE decoder with ``mode="max-autotune"`` (``expert_mode="reduce-overhead"``: the same recipe
   without GEMM autotuning, which measured slower for SD3-medium and takes more than 10 minutes for SDXL);
 - ``S``: accel on one GPU (both guidance branches in one call) with the first of ``backends`` and the
-  engines given (export them from a one-device plan, e.g. with ``--fuse-qkv``), what accel adds on a
+  engines given (export them from a one-device plan, e.g. with ``--tune fused_qkv``), what accel adds on a
   single GPU;
 - ``C``: accel CFG split, eager, 2 GPUs;
 - ``D``: accel CFG split with each compiled backend of ``backends``, 2 GPUs;
@@ -304,23 +304,29 @@ def _expert_compiled(pipe: Any, mode: str = "max-autotune") -> Iterator[None]:
             fusion.unfuse(module)
 
 
-def single_gpu(s: SuiteSettings) -> dict[str, Measured]:
-    """Configurations A, B and B* in this process (first GPU, or the CPU with ``tiny``)."""
+def single_gpu(
+    s: SuiteSettings, on_measured: Callable[[dict[str, Measured]], None] | None = None
+) -> dict[str, Measured]:
+    """Configurations A, B, B* and S in this process (first GPU, or the CPU with ``tiny``);
+    ``on_measured`` gets the configurations measured so far after each one."""
     device = torch.device("cpu") if s.tiny else torch.device("cuda", 0)
     pipe = _pipeline(s, device)
     denoiser = getattr(pipe, _denoiser_name(pipe))
     out: dict[str, Measured] = {}
+
+    def notify() -> None:
+        if on_measured is not None:
+            on_measured(dict(out))
+
     if "A" in s.configs or any(c in s.configs for c in "CDE"):
         # A is also the exact reference every other configuration is compared with.
         out["A"] = measure(pipe, denoiser, s, "A", device)
+        notify()
     if "B" in s.configs:
         with _compiled_denoiser(pipe):
             # Timed on the compiled wrapper: a hook on the inner module would be traced into the graph.
             out["B"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B", device)
-        torch._dynamo.reset()
-    if "B*" in s.configs:
-        with _expert_compiled(pipe, s.expert_mode):
-            out["B*"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B*", device)
+            notify()
         torch._dynamo.reset()
     if "S" in s.configs:
         wrapped = Accelerator(devices=1, accelerator=s.device_kind).wrap(
@@ -328,8 +334,14 @@ def single_gpu(s: SuiteSettings) -> dict[str, Measured]:
         )
         try:
             out[f"S-{s.backends[0]}"] = measure(wrapped, denoiser, s, f"S-{s.backends[0]}", device)
+            notify()
         finally:
             unwrap(wrapped)
+    if "B*" in s.configs:  # last: its compilation is the longest (max-autotune: over 10 minutes for SDXL)
+        with _expert_compiled(pipe, s.expert_mode):
+            out["B*"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B*", device)
+            notify()
+        torch._dynamo.reset()
     del pipe, denoiser
     torch._dynamo.reset()
     gc.collect()
@@ -429,19 +441,42 @@ def _deviation(run: dict[str, Any] | Measured, exact: Measured) -> dict[str, flo
     }
 
 
-def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the suite; returns the JSON-able result (configurations, ratios, environment)."""
+def run_suite(
+    s: SuiteSettings,
+    *,
+    on_phase: Callable[[str], None] | None = None,
+    on_partial: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the suite; returns the JSON-able result (configurations, ratios, environment).
+
+    ``on_partial`` gets the result of the one-GPU configurations measured so far after each one (marked
+    ``"complete": False``), so that a run cut short still leaves its measurements.
+    """
 
     t0 = time.perf_counter()
     if on_phase is not None:
-        on_phase("one GPU: A, B, B*, S")
-    single = single_gpu(s)
+        on_phase("one GPU: A, B, S, B*")
+    partial = (
+        None if on_partial is None else (lambda done: on_partial(_result(s, done, {}, t0, complete=False)))
+    )
+    single = single_gpu(s, partial)
     multi: dict[str, dict[str, Any]] = {}
     if any(c in s.configs for c in "CDE"):
         if on_phase is not None:
             on_phase("2 GPUs: C, D, E")
         acc = Accelerator(devices=2, accelerator=s.device_kind, collective_timeout_s=1800.0)
         multi = acc.launch(_worker, s)
+    return _result(s, single, multi, t0)
+
+
+def _result(
+    s: SuiteSettings,
+    single: dict[str, Measured],
+    multi: dict[str, dict[str, Any]],
+    t0: float,
+    *,
+    complete: bool = True,
+) -> dict[str, Any]:
     exact = single.get("A")
     configs: dict[str, Any] = {}
     for name, measured in single.items():
@@ -478,6 +513,7 @@ def run_suite(s: SuiteSettings, *, on_phase: Callable[[str], None] | None = None
         "configs": configs,
         "ratios": ratios,
         "wall_s": time.perf_counter() - t0,
+        "complete": complete,
     }
 
 

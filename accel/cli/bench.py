@@ -252,7 +252,11 @@ def _speed(
     if output == DEFAULT_QUALITY_OUTPUT:
         output = Path(f"accel-bench-{model}-{height}x{width}.json")
     with console.status("running the speed suite ...") as status:
-        result = run_suite(settings, on_phase=lambda phase: status.update(f"speed suite: {phase}"))
+        result = run_suite(
+            settings,
+            on_phase=lambda phase: status.update(f"speed suite: {phase}"),
+            on_partial=lambda partial: save(partial, output),
+        )
     save(result, output)
     from accel.bench.report import markdown
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, get_args
 
@@ -11,11 +12,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from accel.cli.common import DEVICE_KINDS, check_device, check_writable, choices, fail
 from accel.quiet import quiet_third_party
-from accel.settings import PRECISIONS, Backend, Tuning
+from accel.settings import PRECISIONS, Backend, SettingsError, Tuning
 from accel.source import ModelSource
 
 #: What ``accel export`` can write: every backend but eager.
 EXPORT_CHOICES = tuple(b for b in get_args(Backend) if b != "eager")
+#: What ``--tune`` takes: ``all`` or the options of :class:`~accel.settings.Tuning`.
+TUNING_CHOICES = ("all", *(f.name for f in dataclasses.fields(Tuning)))
 
 
 def export(
@@ -29,18 +32,16 @@ def export(
     output: Path = typer.Option(Path("engines"), "--output", "-o", help="The engine directory to write."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Recompile engines even if fitting ones exist."),
     vae: bool = typer.Option(True, "--vae/--no-vae", help="Also export the pipeline's VAE decoder."),
-    tune: bool = typer.Option(
-        False,
+    tune: list[str] = typer.Option(
+        [],
         "--tune",
-        help="inductor and aot: autotune GEMM and convolution choices, tune every kernel's launch parameters "
-        "and run 1x1 convolutions as matrix products (exact; minutes more per stage, paid once). The "
-        "manifest records it; engines built otherwise are rebuilt. Includes --fuse-qkv.",
-    ),
-    fuse_qkv: bool = typer.Option(
-        False,
-        "--fuse-qkv",
-        help="inductor and aot: each attention's q/k/v projections as one matrix product (exact; a run fuses "
-        "the live denoiser the same way before loading, keeping fused copies of those weights).",
+        metavar="<option,...>",
+        help=f"inductor and aot: tuning options, exact, paid once at export: {choices(TUNING_CHOICES)} "
+        "(comma-separated or repeated). fused_qkv: each attention's q/k/v projections as one matrix product "
+        "(a run fuses the live denoiser the same way before loading); coordinate_descent: tune each "
+        "kernel's launch parameters; conv_1x1_as_mm: 1x1 convolutions as matrix products; autotune: "
+        "benchmark GEMM/convolution choices (minutes per stage). The manifest records it; engines built "
+        "otherwise are rebuilt.",
     ),
     device: str = typer.Option(
         None,
@@ -63,9 +64,9 @@ def export(
     if backend not in EXPORT_BACKENDS:
         raise typer.BadParameter(f"--backend {backend!r} is not one of {', '.join(EXPORT_BACKENDS)}.")
     try:
-        impl = get_backend(backend, Tuning.full() if tune else Tuning(fused_qkv=True) if fuse_qkv else None)
-    except BackendError as exc:
-        raise typer.BadParameter(f"--{'tune' if tune else 'fuse-qkv'}: {exc}") from None
+        impl = get_backend(backend, Tuning.parse(tune) if tune else None)
+    except (BackendError, SettingsError) as exc:
+        raise typer.BadParameter(f"--tune: {exc}") from None
     reason = impl.available()
     if reason is not None:
         fail(console, f"backend {backend!r} is unavailable: {reason}")

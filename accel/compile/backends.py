@@ -356,7 +356,7 @@ class AOTBackend(Backend):
             # no longer reads the module's own weights (what makes an aot engine serve any weights).
             raise BackendError(
                 "aot autotuning on CPU packs the weights into the package, which must hold code only: "
-                "export CPU engines without --tune (autotuning applies to GPU stages)."
+                "export CPU engines without autotune in --tune (autotuning applies to GPU stages)."
             )
         program = self._exported(module, example_inputs)
         # Every weight stays a constant bound at load: by default inductor inlines 1-d tensors of up to 8

@@ -48,14 +48,14 @@ def fuse(model: torch.nn.Module) -> bool:
         raise FusionError(
             f"{type(model).__name__} has no fuse_qkv_projections: engines with fused q/k/v projections apply "
             "to diffusers denoisers that have it (UNet2DConditionModel, SD3Transformer2DModel, ...); export "
-            "this model without --fuse-qkv."
+            "this model without fused_qkv in --tune."
         )
     try:
         with torch.no_grad():
             model.fuse_qkv_projections()  # type: ignore[operator]  # checked by can_fuse
     except ValueError as exc:  # diffusers refuses some processors (added k/v projections, e.g. IP-Adapter)
         raise FusionError(
-            f"{type(model).__name__}.fuse_qkv_projections refused: {exc} Export this model without --fuse-qkv."
+            f"{type(model).__name__}.fuse_qkv_projections refused: {exc} Export this model without fused_qkv in --tune."
         ) from None
     setattr(model, _FUSED_BY_ACCEL, True)
     return True
