@@ -317,6 +317,16 @@ class Tuning:
             if not isinstance(value, bool):
                 raise SettingsError(f"tuning {name}={value!r} must be True or False.")
 
+    @property
+    def searches(self) -> bool:
+        """Whether building with these options benchmarks candidates (``coordinate_descent``,
+        ``autotune``): minutes per stage, what an export's tuning budget bounds."""
+        return self.coordinate_descent or self.autotune
+
+    def without_search(self) -> Tuning:
+        """These options less the searches: what a stage that ran past its tuning budget is built with."""
+        return dataclasses.replace(self, coordinate_descent=False, autotune=False)
+
     @classmethod
     def full(cls) -> Tuning:
         """Every option on: what ``accel export --tune all`` builds."""

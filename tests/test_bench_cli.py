@@ -48,6 +48,16 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     assert "| C | accel CFG split, eager, 2 GPUs |" in text
     assert "| S-inductor | accel, inductor, 1 GPU |" in text
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
+    assert "cut short" not in text
+
+    # A run cut short (as its partial saves leave it) says so and names what it measured.
+    partial = tmp_path / "partial" / "cut.json"
+    partial.parent.mkdir()
+    del data["configs"]["C"], data["ratios"]["C"]
+    partial.write_text(json.dumps({**data, "complete": False}))
+    assert runner.invoke(app, ["bench", "--report", str(partial)]).exit_code == 0
+    text = (partial.parent / "README.md").read_text()
+    assert "The run was cut short: measured A, S-inductor of A, S, C requested." in text
 
 
 def test_bench_refuses_bad_input(tmp_path: Path) -> None:

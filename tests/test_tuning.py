@@ -1,8 +1,12 @@
 """Tuned engines: the tuning is validated once, recorded in the manifest, shown by `accel inspect`, used
-again at load, and an export asked for other tuning rebuilds the engine."""
+again at load, and an export asked for other tuning rebuilds the engine; the tuning budget of an export
+drops the searches of a stage past it, which its engine says, and the same request keeps."""
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,8 @@ from typer.testing import CliRunner
 from accel.cli import app as cli
 from accel.cli.inspect import inspect_engines
 from accel.compile.backends import BackendError, InductorBackend, get_backend
-from accel.compile.store import EngineStore
+from accel.compile.budget import BudgetExceeded, time_budget
+from accel.compile.store import TUNING_ASKED, TUNING_NOTE, EngineStore, record_tuning
 from accel.settings import SettingsError, Tuning
 
 KEY = "mlp.b2"
@@ -87,3 +92,85 @@ def test_a_tuned_aot_engine_is_recorded_shown_loaded_as_built_and_rebuilt_for_ot
         plain = store.export(KEY, "aot", module, INPUTS)
     assert plain.extra["tuning"] == Tuning().to_dict() and plain.created >= tuned.created
     assert EngineStore(directory).records()[KEY] == plain
+
+
+def test_a_budget_interrupts_the_body_and_puts_the_previous_timer_back() -> None:
+    began = time.monotonic()
+    with pytest.raises(BudgetExceeded, match=r"sleeping ran past its budget of 0.2 s \(0.2 s\)"):
+        with time_budget(0.2, "sleeping"):
+            time.sleep(5)
+    assert time.monotonic() - began < 2
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+    # An enclosing timer keeps running (less the time spent inside) and fires afterwards.
+    fired: list[int] = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.6)
+        with time_budget(5.0, "quick work"):
+            time.sleep(0.1)
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 0.3 < remaining <= 0.5
+        time.sleep(remaining + 0.3)
+        assert fired == [signal.SIGALRM]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        with time_budget(0, "nothing"):
+            pass
+    errors: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            with time_budget(1.0, "tuning in a thread"):
+                pass
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert "only the main thread receives" in str(errors[0])
+
+
+def test_a_stage_past_its_tuning_budget_is_built_without_searches_and_says_so(tmp_path: Path) -> None:
+    module, directory = _module(), tmp_path / "engines"
+    store = EngineStore(directory)
+    asked = Tuning(coordinate_descent=True, conv_1x1_as_mm=True)
+    aot = get_backend("aot", asked)
+    with torch.no_grad():
+        # 1 ms: the deadline falls inside the real export, which is then built without the search.
+        record = store.export(KEY, aot, module, INPUTS, tune_budget_s=0.001)
+        assert record_tuning(record) == Tuning(conv_1x1_as_mm=True) == asked.without_search()
+        assert Tuning.from_dict(record.extra[TUNING_ASKED]) == asked
+        assert (
+            "tuning engine 'mlp.b2' (conv_1x1_as_mm, coordinate_descent) ran past its budget of 0.001 s"
+            in (record.extra[TUNING_NOTE])
+        )
+        (out,) = store.load(KEY, "aot", module, INPUTS)(*INPUTS)
+        torch.testing.assert_close(out, module(*INPUTS), rtol=1e-5, atol=1e-6)
+        shown = CliRunner().invoke(cli.app, ["inspect", str(directory)], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0 and "conv_1x1_as_mm (searches past the export's budget)" in shown.output
+
+        # The same request keeps it (its searches would run past the budget again); --rebuild retries.
+        assert store.export(KEY, aot, module, INPUTS, tune_budget_s=0.001) == record
+        rebuilt = store.export(KEY, aot, module, INPUTS, rebuild=True, tune_budget_s=600.0)
+    assert record_tuning(rebuilt) == asked and TUNING_NOTE not in rebuilt.extra
+    assert EngineStore(directory).records()[KEY] == rebuilt
+    # An engine missing from a tuned directory: the fix asks for the same tuning, which keeps the others.
+    EngineStore(directory).expect([KEY, "gone.b1"])
+    shown = CliRunner().invoke(cli.app, ["inspect", str(directory)], env={"COLUMNS": "250"})
+    text = " ".join(shown.output.split())
+    assert shown.exit_code == 1 and "--backend aot --tune conv_1x1_as_mm,coordinate_descent -o" in text
+
+
+def test_the_cli_refuses_a_budget_below_a_second() -> None:
+    result = CliRunner().invoke(
+        cli.app,
+        ["export", "missing.plan.json", "--tune", "all", "--tune-budget", "0.5"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 2 and "--tune-budget" in result.output

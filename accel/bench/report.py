@@ -65,6 +65,10 @@ def markdown(result: dict[str, Any]) -> str:
         "| e2e vs B* | first call s | peak GiB per GPU | window | latent mean abs err | PSNR dB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if result.get("complete") is False:
+        requested = ", ".join(result.get("configs_requested", []))
+        of = f" of {requested} requested" if requested else " only"
+        lines[2:2] = [f"The run was cut short: measured {', '.join(result['configs'])}{of}.", ""]
     ratios = result.get("ratios", {})
     for name, entry in result["configs"].items():
         r = ratios.get(name, {})

@@ -513,6 +513,7 @@ def _result(
         "configs": configs,
         "ratios": ratios,
         "wall_s": time.perf_counter() - t0,
+        "configs_requested": list(s.configs),
         "complete": complete,
     }
 

@@ -43,6 +43,15 @@ def export(
         "benchmark GEMM/convolution choices (minutes per stage). The manifest records it; engines built "
         "otherwise are rebuilt.",
     ),
+    tune_budget: float = typer.Option(
+        None,
+        "--tune-budget",
+        min=1.0,
+        metavar="<seconds>",
+        help="Wall-clock seconds each stage's coordinate_descent/autotune searches may take; a stage past it "
+        "is built without them (recorded in the manifest; `accel inspect` shows it; --rebuild retries). "
+        "Default: no limit.",
+    ),
     device: str = typer.Option(
         None,
         "--device",
@@ -56,7 +65,7 @@ def export(
 
     from accel.compile.backends import EXPORT_BACKENDS, BackendError, get_backend
     from accel.compile.engines import StageJob, export_plan
-    from accel.compile.store import EngineError
+    from accel.compile.store import TUNING_NOTE, EngineError
     from accel.plan import PlanError, load_plan
     from accel.targets import load_components
 
@@ -103,10 +112,24 @@ def export(
         try:
             with torch.no_grad():
                 records = export_plan(
-                    plan, denoiser, impl, output, rebuild=rebuild, on_stage=on_stage, vae=decoder_source
+                    plan,
+                    denoiser,
+                    impl,
+                    output,
+                    rebuild=rebuild,
+                    on_stage=on_stage,
+                    vae=decoder_source,
+                    tune_budget_s=tune_budget,
                 )
         except (EngineError, BackendError, ValueError) as exc:
             fail(console, str(exc), code=1)
+    over = [r.key for r in records if TUNING_NOTE in r.extra]
+    if over:
+        console.print(
+            f"{len(over)} engine(s) built without their tuning searches, which ran past --tune-budget: "
+            f"{', '.join(over)} (`accel inspect {output}` shows it; --rebuild tries again)",
+            highlight=False,
+        )
     total = sum(r.size for r in records)
     console.print(
         f"wrote {len(records) - len(kept)} engine(s), kept {len(kept)} that fit ({total / 1e6:.1f} MB in all) "

@@ -13,9 +13,17 @@ from rich.table import Table
 
 from accel.cli.common import plan_table
 
-#: How to fix engines that are broken, missing or built elsewhere: `accel export` without ``--rebuild``
-#: rewrites only the engines that do not fit and keeps the others.
-_REEXPORT = "`accel export PLAN --backend BACKEND -o DIR` (it rewrites only the broken or missing engines)"
+def _reexport(info: dict[str, Any]) -> str:
+    """How to fix engines that are broken, missing or built elsewhere: `accel export` without ``--rebuild``
+    rewrites only the engines that do not fit and keeps the others, when asked for the same backend and
+    tuning (the union of the engines' options: a decoder engine never has ``fused_qkv``)."""
+    backends = sorted({e["backend"] for e in info["engines"] if e.get("backend")}) or ["BACKEND"]
+    options = sorted({name for e in info["engines"] for name, on in (e.get("tuning") or {}).items() if on})
+    tune = f" --tune {','.join(options)}" if options else ""
+    return (
+        f"`accel export PLAN --backend {backends[0]}{tune} -o {info['directory']}` (it rewrites only the broken "
+        "or missing engines)"
+    )
 
 
 def _environment() -> dict[str, Any]:
@@ -117,7 +125,15 @@ def inspect_engines(directory: Path, weights: dict[str, str] | None = None) -> d
     engine). Each entry says how it holds weights (``"bound at load"``: a fine-tune of the same graph
     reuses it; ``"baked in"``) and which weights it was built with.
     """
-    from accel.compile.store import LOCK, MANIFEST, EngineError, EngineRecord, EngineStore, sha256_file
+    from accel.compile.store import (
+        LOCK,
+        MANIFEST,
+        TUNING_NOTE,
+        EngineError,
+        EngineRecord,
+        EngineStore,
+        sha256_file,
+    )
 
     store = EngineStore(directory)
     try:
@@ -148,6 +164,7 @@ def inspect_engines(directory: Path, weights: dict[str, str] | None = None) -> d
                 "file": record.file,
                 "backend": record.backend,
                 "tuning": _tuning_entry(record),
+                "tuning_note": record.extra.get(TUNING_NOTE),
                 "size": record.size,
                 "device_type": record.device_type,
                 "compute_capability": record.compute_capability,
@@ -237,7 +254,10 @@ def _tuning_cell(entry: dict[str, Any]) -> str:
     from accel.settings import Tuning
 
     tuning = entry.get("tuning")
-    return "-" if tuning is None else Tuning.from_dict(tuning).describe()
+    if tuning is None:
+        return "-"
+    over = " (searches past the export's budget)" if entry.get("tuning_note") else ""
+    return Tuning.from_dict(tuning).describe() + over
 
 
 def _print_engines(console: Console, info: dict[str, Any]) -> None:
@@ -276,7 +296,7 @@ def _print_engines(console: Console, info: dict[str, Any]) -> None:
     if any(e["notes"] for e in info["engines"]):
         console.print(
             "entries that do not fit here are refused by `accel run`; re-export them on this machine with "
-            f"{_REEXPORT}.",
+            f"{escape(_reexport(info))}.",
             highlight=False,
         )
 
@@ -322,10 +342,9 @@ def inspect(
         else:
             _print_engines(console, info)
             if not info["valid"]:
-                backends = sorted({e["backend"] for e in info["engines"] if e.get("backend")}) or ["BACKEND"]
                 errors.print(
                     "[red]invalid:[/red] some engines are missing or do not match the manifest; re-export "
-                    f"them with {_REEXPORT.replace('BACKEND', backends[0]).replace('DIR', escape(str(path)))}.",
+                    f"them with {escape(_reexport(info))}.",
                     highlight=False,
                 )
         if not info["valid"]:

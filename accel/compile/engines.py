@@ -135,12 +135,14 @@ def export_plan(
     rebuild: bool = False,
     on_stage: Callable[[StageJob, str], None] | None = None,
     vae: torch.nn.Module | None = None,
+    tune_budget_s: float | None = None,
 ) -> list[EngineRecord]:
     """Export every stage of ``plan`` (and, given ``vae``, its decoder) into the engine directory.
 
     ``on_stage(job, event)`` hears ``"start"`` before each stage and then ``"done"`` (written) or
     ``"kept"`` (a fitting engine was there). The keys are recorded first (:meth:`EngineStore.expect`),
-    so an interrupted export is reported as incomplete.
+    so an interrupted export is reported as incomplete. ``tune_budget_s`` bounds each stage's tuning
+    searches (:meth:`EngineStore.export`).
     """
     store = EngineStore(directory)
     impl = get_backend(backend)
@@ -158,7 +160,9 @@ def export_plan(
         if on_stage is not None:
             on_stage(job, "start")
         how = unfused if job.phase == "vae" else impl
-        record = store.export(job.key, how, job.module, job.example_inputs, rebuild=rebuild)
+        record = store.export(
+            job.key, how, job.module, job.example_inputs, rebuild=rebuild, tune_budget_s=tune_budget_s
+        )
         records.append(record)
         if on_stage is not None:
             on_stage(job, "kept" if before.get(job.key) == record else "done")

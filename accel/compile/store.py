@@ -19,7 +19,9 @@ LoRA of the same architecture without recompiling, and the difference is reporte
 loaded and refuses with every reason; ``rebuild=True`` recompiles instead.
 Engines of the tunable backends (``inductor``, ``aot``) record the tuning they were built with
 (``extra["tuning"]``, :class:`accel.settings.Tuning`): a run loads an engine with its own tuning, and an
-export asked for other tuning rebuilds it.
+export asked for other tuning rebuilds it. An export's tuning budget (``tune_budget_s``) builds a stage
+whose searches run past it without them, recording the tuning asked for and why (``tuning_asked``,
+``tuning_note``); the same request keeps that engine.
 Each entry also carries a digest of its own fields (``extra["digest"]``), so an edited manifest entry is
 refused too, and an export of a plan first records the keys it will write (``expected``), so an
 interrupted export is known as incomplete. Writes are atomic (temp file + ``os.replace``) and exports hold
@@ -48,6 +50,7 @@ import torch
 
 from accel.atomic import acquire_flock, write_text_atomic
 from accel.compile.backends import Backend, StageCallable, get_backend
+from accel.compile.budget import BudgetExceeded, time_budget
 from accel.compile.stage import TensorSpec
 from accel.errors import AccelError
 from accel.models import fusion
@@ -114,6 +117,10 @@ WEIGHTS = "weights"
 BOUND = "bound at load"
 #: ``extra`` key of the tuning a tunable backend built the engine with (:class:`accel.settings.Tuning`)
 TUNING = "tuning"
+#: ``extra`` keys of an engine built without its searches because they ran past the export's budget:
+#: the tuning asked for, and why it was not used
+TUNING_ASKED = "tuning_asked"
+TUNING_NOTE = "tuning_note"
 
 
 def binds_weights(record: EngineRecord) -> bool:
@@ -159,6 +166,17 @@ def _tuning_or_none(record: EngineRecord) -> Tuning | None:
         return record_tuning(record)
     except EngineError:  # options unknown to this accel: rebuilt
         return None
+
+
+def _answers(record: EngineRecord, tuning: Tuning) -> bool:
+    """Whether the engine answers an export asking for ``tuning``: built with it, or built without its
+    searches after they ran past the budget of an export that asked for the same."""
+    if _tuning_or_none(record) == tuning:
+        return True
+    try:
+        return TUNING_ASKED in record.extra and Tuning.from_dict(record.extra[TUNING_ASKED]) == tuning
+    except SettingsError:
+        return False
 
 
 def _fuse_for(key: str, module: torch.nn.Module) -> None:
@@ -461,8 +479,15 @@ class EngineStore:
         example_inputs: Sequence[torch.Tensor],
         *,
         rebuild: bool = False,
+        tune_budget_s: float | None = None,
     ) -> EngineRecord:
-        """Write the engine for ``key`` (unless a fitting one exists and ``rebuild`` is False)."""
+        """Write the engine for ``key`` (unless a fitting one exists and ``rebuild`` is False).
+
+        ``tune_budget_s``: wall-clock seconds the backend's searches (coordinate descent, autotuning) may
+        take; past it the engine is built without them (:meth:`Tuning.without_search`), and the record
+        says which tuning was asked for and why it was not used. A later export asking for the same keeps
+        that engine; ``rebuild=True`` (with a larger budget) tries again.
+        """
         if not _KEY.match(key):
             raise ValueError(f"engine key {key!r} must match {_KEY.pattern} (it names a file).")
         impl = get_backend(backend)
@@ -471,17 +496,35 @@ class EngineStore:
             kept = None if rebuild else self.records().get(key)
             if kept is not None:
                 # Tuning first: checking an engine built fused would fuse the stage's model.
-                if _tuning_or_none(kept) != impl.tuning:
+                if not _answers(kept, impl.tuning):
                     log.info(
                         "engine %r: built with other tuning; rebuilding with %s", key, impl.tuning.describe()
                     )
                 elif not self.problems(key, impl, module, example_inputs):
+                    if TUNING_NOTE in kept.extra:
+                        log.info(
+                            "engine %r: kept, built with %s (%s); --rebuild tries the tuning again",
+                            key,
+                            record_tuning(kept).describe(),
+                            kept.extra[TUNING_NOTE],
+                        )
                     return kept
             if impl.tuning.fused_qkv:
                 _fuse_for(key, module)
             want = self.expected(impl, module, example_inputs)
             name = engine_file_name(key, impl)
-            path = impl.export(module, example_inputs, self.directory / name)
+            built, note = impl, None
+            if tune_budget_s is not None and impl.tuning.searches:
+                try:
+                    what = f"tuning engine {key!r} ({impl.tuning.describe()})"
+                    with time_budget(tune_budget_s, what):
+                        path = impl.export(module, example_inputs, self.directory / name)
+                except BudgetExceeded as exc:
+                    built, note = impl.tuned(impl.tuning.without_search()), str(exc)
+                    log.warning("%s; building it with %s instead", note, built.tuning.describe())
+                    path = built.export(module, example_inputs, self.directory / name)
+            else:
+                path = impl.export(module, example_inputs, self.directory / name)
             record = EngineRecord(
                 key=key,
                 file=name,
@@ -492,7 +535,9 @@ class EngineStore:
                 **want,
             )
             if impl.tunable:
-                record.extra[TUNING] = impl.tuning.to_dict()
+                record.extra[TUNING] = built.tuning.to_dict()
+            if note is not None:
+                record.extra[TUNING_ASKED], record.extra[TUNING_NOTE] = impl.tuning.to_dict(), note
             record.extra["digest"] = record_digest(asdict(record))
             manifest = self.read_manifest()
             manifest["engines"][key] = asdict(record)
