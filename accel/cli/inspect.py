@@ -13,6 +13,7 @@ from rich.table import Table
 
 from accel.cli.common import plan_table
 
+
 def _reexport(info: dict[str, Any]) -> str:
     """How to fix engines that are broken, missing or built elsewhere: `accel export` without ``--rebuild``
     rewrites only the engines that do not fit and keeps the others, when asked for the same backend and
