@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from accel.cli import app as cli
 from accel.cli.inspect import inspect_engines
 from accel.compile.backends import BackendError, InductorBackend, get_backend
-from accel.compile.budget import BudgetExceeded, time_budget
+from accel.compile.budget import BudgetExceeded, exceeded, time_budget
 from accel.compile.store import TUNING_ASKED, TUNING_NOTE, EngineStore, record_tuning
 from accel.settings import SettingsError, Tuning
 
@@ -117,6 +117,28 @@ def test_a_budget_interrupts_the_body_and_puts_the_previous_timer_back() -> None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+    # Compilers swallow exceptions in places (a failed cache lookup falls back to compiling): an expired
+    # budget raises again until its exception leaves the body; a compiler's wrapper is seen through.
+    swallowed: list[BudgetExceeded] = []
+    began = time.monotonic()
+    with pytest.raises(BudgetExceeded, match="stubborn"):
+        with time_budget(0.2, "stubborn"):
+            try:
+                time.sleep(5)
+            except BudgetExceeded as exc:
+                swallowed.append(exc)
+            time.sleep(5)
+    assert len(swallowed) == 1 and time.monotonic() - began < 2
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    from torch._inductor.exc import InductorError
+
+    wrapped = InductorError(swallowed[0], None)
+    assert exceeded(wrapped) is swallowed[0] and exceeded(ValueError("other")) is None
+    try:
+        raise RuntimeError("compiling failed") from wrapped
+    except RuntimeError as chained:
+        assert exceeded(chained) is swallowed[0]
 
     with pytest.raises(ValueError, match="positive number of seconds"):
         with time_budget(0, "nothing"):

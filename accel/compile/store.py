@@ -50,7 +50,7 @@ import torch
 
 from accel.atomic import acquire_flock, write_text_atomic
 from accel.compile.backends import Backend, StageCallable, get_backend
-from accel.compile.budget import BudgetExceeded, time_budget
+from accel.compile.budget import exceeded, time_budget
 from accel.compile.stage import TensorSpec
 from accel.errors import AccelError
 from accel.models import fusion
@@ -519,9 +519,12 @@ class EngineStore:
                     what = f"tuning engine {key!r} ({impl.tuning.describe()})"
                     with time_budget(tune_budget_s, what):
                         path = impl.export(module, example_inputs, self.directory / name)
-                except BudgetExceeded as exc:
-                    built, note = impl.tuned(impl.tuning.without_search()), str(exc)
-                    log.warning("%s; building it with %s instead", note, built.tuning.describe())
+                except Exception as exc:  # the budget's, possibly wrapped by the compiler
+                    over = exceeded(exc)
+                    if over is None:
+                        raise
+                    built, note = impl.tuned(impl.tuning.without_search()), str(over)
+                    log.warning("%s Building it with %s instead.", note, built.tuning.describe())
                     path = built.export(module, example_inputs, self.directory / name)
             else:
                 path = impl.export(module, example_inputs, self.directory / name)
