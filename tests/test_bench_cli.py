@@ -54,10 +54,13 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     partial = tmp_path / "partial" / "cut.json"
     partial.parent.mkdir()
     del data["configs"]["C"], data["ratios"]["C"]
-    partial.write_text(json.dumps({**data, "complete": False}))
+    partial.write_text(
+        json.dumps({**data, "complete": False, "engine_tuning": {"cfg.full.64x64.b2": "fused_qkv"}})
+    )
     assert runner.invoke(app, ["bench", "--report", str(partial)]).exit_code == 0
     text = (partial.parent / "README.md").read_text()
     assert "The run was cut short: measured A, S-inductor of A, S, C requested." in text
+    assert "Engines' tuning: `cfg.full.64x64.b2` fused_qkv." in text
 
 
 def test_bench_refuses_bad_input(tmp_path: Path) -> None:

@@ -176,6 +176,11 @@ def test_a_stage_past_its_tuning_budget_is_built_without_searches_and_says_so(tm
         torch.testing.assert_close(out, module(*INPUTS), rtol=1e-5, atol=1e-6)
         shown = CliRunner().invoke(cli.app, ["inspect", str(directory)], env={"COLUMNS": "250"})
         assert shown.exit_code == 0 and "conv_1x1_as_mm (searches past the export's budget)" in shown.output
+        # The speed suite's report names the engines' tuning the same way.
+        from accel.bench.speed import engine_tuning
+
+        assert engine_tuning(str(directory)) == {KEY: "conv_1x1_as_mm (searches past the export's budget)"}
+        assert engine_tuning(None) is None and engine_tuning(str(tmp_path / "none")) == {}
 
         # The same request keeps it (its searches would run past the budget again); --rebuild retries.
         assert store.export(KEY, aot, module, INPUTS, tune_budget_s=0.001) == record

@@ -65,6 +65,9 @@ def markdown(result: dict[str, Any]) -> str:
         "| e2e vs B* | first call s | peak GiB per GPU | window | latent mean abs err | PSNR dB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if result.get("engine_tuning"):
+        tuned = "; ".join(f"`{key}` {how}" for key, how in result["engine_tuning"].items())
+        lines[4:4] = [f"Engines' tuning: {tuned}.", ""]  # after the environment line, before the table
     if result.get("complete") is False:
         requested = ", ".join(result.get("configs_requested", []))
         of = f" of {requested} requested" if requested else " only"

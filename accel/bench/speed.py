@@ -505,6 +505,7 @@ def _result(
         "schedule": s.schedule,
         "backends": list(s.backends),
         "engines": s.engines,
+        "engine_tuning": engine_tuning(s.engines),
         "plan": s.plan,
         "expert_mode": s.expert_mode,
         "environment": environment(),
@@ -516,6 +517,19 @@ def _result(
         "configs_requested": list(s.configs),
         "complete": complete,
     }
+
+
+def engine_tuning(directory: str | None) -> dict[str, str] | None:
+    """The tuning each engine of ``directory`` was built with (:meth:`Tuning.describe`), for the report."""
+    if directory is None:
+        return None
+    from accel.compile.store import TUNING_NOTE, EngineError, EngineStore, describe_tuning, record_tuning
+
+    try:
+        records = sorted(EngineStore(directory).records().items())
+        return {key: describe_tuning(record_tuning(r), r.extra.get(TUNING_NOTE)) for key, r in records}
+    except (EngineError, OSError, ValueError):  # unreadable: the run itself says why
+        return None
 
 
 def _ratios(configs: dict[str, Any]) -> dict[str, dict[str, float]]:

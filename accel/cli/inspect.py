@@ -252,13 +252,11 @@ def _tuning_entry(record: Any) -> dict[str, bool] | None:
 
 
 def _tuning_cell(entry: dict[str, Any]) -> str:
+    from accel.compile.store import describe_tuning
     from accel.settings import Tuning
 
     tuning = entry.get("tuning")
-    if tuning is None:
-        return "-"
-    over = " (searches past the export's budget)" if entry.get("tuning_note") else ""
-    return Tuning.from_dict(tuning).describe() + over
+    return "-" if tuning is None else describe_tuning(Tuning.from_dict(tuning), entry.get("tuning_note"))
 
 
 def _print_engines(console: Console, info: dict[str, Any]) -> None:

@@ -161,6 +161,11 @@ def record_tuning(record: EngineRecord) -> Tuning:
         raise EngineError(f"engine {record.key!r}: {exc}") from None
 
 
+def describe_tuning(tuning: Tuning, note: str | None = None) -> str:
+    """``tuning`` in words, and whether its searches were dropped past an export's budget (``note``)."""
+    return tuning.describe() + (" (searches past the export's budget)" if note else "")
+
+
 def _tuning_or_none(record: EngineRecord) -> Tuning | None:
     try:
         return record_tuning(record)
