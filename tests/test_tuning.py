@@ -201,3 +201,9 @@ def test_the_cli_refuses_a_budget_below_a_second() -> None:
         env={"COLUMNS": "200"},
     )
     assert result.exit_code == 2 and "--tune-budget" in result.output
+    result = CliRunner().invoke(
+        cli.app,
+        ["export", "missing.plan.json", "--tune", "fused_qkv", "--tune-budget", "60"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 2 and "add one of them to --tune" in " ".join(result.output.split())

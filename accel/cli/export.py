@@ -76,6 +76,10 @@ def export(
         impl = get_backend(backend, Tuning.parse(tune) if tune else None)
     except (BackendError, SettingsError) as exc:
         raise typer.BadParameter(f"--tune: {exc}") from None
+    if tune_budget is not None and not impl.tuning.searches:
+        raise typer.BadParameter(
+            "--tune-budget bounds the coordinate_descent and autotune searches; add one of them to --tune."
+        )
     reason = impl.available()
     if reason is not None:
         fail(console, f"backend {backend!r} is unavailable: {reason}")
