@@ -17,7 +17,7 @@ from accel.cli import app as cli
 from accel.cli.inspect import inspect_engines
 from accel.compile.backends import BackendError, InductorBackend, get_backend
 from accel.compile.budget import BudgetExceeded, exceeded, time_budget
-from accel.compile.store import TUNING_ASKED, TUNING_NOTE, EngineStore, record_tuning
+from accel.compile.store import TUNING_ASKED, TUNING_NOTE, EngineError, EngineStore, record_tuning
 from accel.settings import SettingsError, Tuning
 
 KEY = "mlp.b2"
@@ -192,6 +192,10 @@ def test_a_stage_past_its_tuning_budget_is_built_without_searches_and_says_so(tm
     shown = CliRunner().invoke(cli.app, ["inspect", str(directory)], env={"COLUMNS": "250"})
     text = " ".join(shown.output.split())
     assert shown.exit_code == 1 and "--backend aot --tune conv_1x1_as_mm,coordinate_descent -o" in text
+    # A run refused an engine is told the same.
+    fix = r"Fix: re-export \(`accel export PLAN --backend aot --tune conv_1x1_as_mm,coordinate_descent -o "
+    with pytest.raises(EngineError, match=fix):
+        EngineStore(directory).validate("gone.b1", "aot", module, INPUTS)
 
 
 def test_the_cli_refuses_a_budget_below_a_second() -> None:

@@ -14,17 +14,11 @@ from rich.table import Table
 from accel.cli.common import plan_table
 
 
-def _reexport(info: dict[str, Any]) -> str:
-    """How to fix engines that are broken, missing or built elsewhere: `accel export` without ``--rebuild``
-    rewrites only the engines that do not fit and keeps the others, when asked for the same backend and
-    tuning (the union of the engines' options: a decoder engine never has ``fused_qkv``)."""
-    backends = sorted({e["backend"] for e in info["engines"] if e.get("backend")}) or ["BACKEND"]
-    options = sorted({name for e in info["engines"] for name, on in (e.get("tuning") or {}).items() if on})
-    tune = f" --tune {','.join(options)}" if options else ""
-    return (
-        f"`accel export PLAN --backend {backends[0]}{tune} -o {info['directory']}` (it rewrites only the broken "
-        "or missing engines)"
-    )
+def _reexport(directory: str) -> str:
+    """How to fix engines that are broken, missing or built elsewhere (:meth:`EngineStore.reexport_command`)."""
+    from accel.compile.store import EngineStore
+
+    return f"`{EngineStore(directory).reexport_command()}` (it rewrites only the broken or missing engines)"
 
 
 def _environment() -> dict[str, Any]:
@@ -295,7 +289,7 @@ def _print_engines(console: Console, info: dict[str, Any]) -> None:
     if any(e["notes"] for e in info["engines"]):
         console.print(
             "entries that do not fit here are refused by `accel run`; re-export them on this machine with "
-            f"{escape(_reexport(info))}.",
+            f"{escape(_reexport(info['directory']))}.",
             highlight=False,
         )
 
@@ -343,7 +337,7 @@ def inspect(
             if not info["valid"]:
                 errors.print(
                     "[red]invalid:[/red] some engines are missing or do not match the manifest; re-export "
-                    f"them with {escape(_reexport(info))}.",
+                    f"them with {escape(_reexport(info['directory']))}.",
                     highlight=False,
                 )
         if not info["valid"]:

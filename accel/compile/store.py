@@ -332,6 +332,20 @@ class EngineStore:
             return ["manifest entry edited after export (its digest does not match)"]
         return []
 
+    def reexport_command(self, backend: str | None = None) -> str:
+        """The `accel export` that mends this directory: the backend (else the engines' own) and the
+        union of the engines' tuning options (a decoder engine never has ``fused_qkv``). Without
+        ``--rebuild`` it rewrites only the engines that do not fit and keeps the others."""
+        try:
+            records = list(self.records().values())
+        except EngineError:  # an unreadable manifest: the command still names the directory
+            records = []
+        name = backend or next(iter(sorted({r.backend for r in records})), "BACKEND")
+        tunings = [t for t in map(_tuning_or_none, records) if t is not None]
+        options = sorted({option for t in tunings for option, on in t.to_dict().items() if on})
+        tune = f" --tune {','.join(options)}" if options else ""
+        return f"accel export PLAN --backend {name}{tune} -o {self.directory}"
+
     # -- checks -------------------------------------------------------------------------------------
     def expected(
         self,
@@ -465,10 +479,12 @@ class EngineStore:
         """
         found = self.check(key, backend, module, example_inputs)
         if found.problems:
+            command = self.reexport_command(get_backend(backend).name)
             raise EngineError(
                 f"engine {key!r} in {self.directory} cannot be used: "
                 + "; ".join(found.problems)
-                + ". Fix: re-export (`accel export PLAN --backend ... --rebuild`) or pass rebuild=True."
+                + f". Fix: re-export (`{command}`, which rewrites only the engines that do not fit) or pass "
+                "rebuild=True."
             )
         for note in found.notes:
             log.warning("engine %r in %s: %s.", key, self.directory, note)
