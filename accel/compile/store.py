@@ -535,20 +535,22 @@ class EngineStore:
             want = self.expected(impl, module, example_inputs)
             name = engine_file_name(key, impl)
             built, note = impl, None
-            if tune_budget_s is not None and impl.tuning.searches:
-                try:
-                    what = f"tuning engine {key!r} ({impl.tuning.describe()})"
-                    with time_budget(tune_budget_s, what):
-                        path = impl.export(module, example_inputs, self.directory / name)
-                except Exception as exc:  # the budget's, possibly wrapped by the compiler
-                    over = exceeded(exc)
-                    if over is None:
-                        raise
-                    built, note = impl.tuned(impl.tuning.without_search()), str(over)
-                    log.warning("%s Building it with %s instead.", note, built.tuning.describe())
-                    path = built.export(module, example_inputs, self.directory / name)
-            else:
-                path = impl.export(module, example_inputs, self.directory / name)
+            what = f"tuning engine {key!r} ({impl.tuning.describe()})"
+            searches_bounded = (
+                time_budget(tune_budget_s, what)
+                if tune_budget_s is not None and impl.tuning.searches
+                else contextlib.nullcontext()
+            )
+            try:
+                with searches_bounded:
+                    path = impl.export(module, example_inputs, self.directory / name)
+            except Exception as exc:  # the budget's, possibly wrapped by the compiler
+                over = exceeded(exc)
+                if over is None:
+                    raise
+                built, note = impl.tuned(impl.tuning.without_search()), str(over)
+                log.warning("%s Building it with %s instead.", note, built.tuning.describe())
+                path = built.export(module, example_inputs, self.directory / name)
             record = EngineRecord(
                 key=key,
                 file=name,
