@@ -41,6 +41,8 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     assert c["latent_max_abs_err"] < 1e-3
     assert data["ratios"]["C"]["loop_vs_A"] == data["configs"]["A"]["loop_median_s"] / c["loop_median_s"]
     assert c["per_rank"][1]["bytes_sent"] > 0
+    # Each timed configuration says how busy the host's other processes kept its CPUs meanwhile.
+    assert all(isinstance(data["configs"][n]["other_cpu_cores"], float) for n in ("A", "S-inductor"))
 
     report = runner.invoke(app, ["bench", "--report", str(out)])
     assert report.exit_code == 0, report.output
@@ -54,6 +56,8 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     partial = tmp_path / "partial" / "cut.json"
     partial.parent.mkdir()
     del data["configs"]["C"], data["ratios"]["C"]
+    data["configs"]["A"]["other_cpu_cores"] = 9.25
+    data["configs"]["S-inductor"]["other_cpu_cores"] = 0.2
     partial.write_text(
         json.dumps({**data, "complete": False, "engine_tuning": {"cfg.full.64x64.b2": "fused_qkv"}})
     )
@@ -61,6 +65,9 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     text = (partial.parent / "README.md").read_text()
     assert "The run was cut short: measured A, S-inductor of A, S, C requested." in text
     assert "Engines' tuning: `cfg.full.64x64.b2` fused_qkv." in text
+    # A row timed on a contended host is named as such; a quiet one is not.
+    assert "Timed while other processes kept CPU cores busy: A (9.2)." in text
+    assert "S-inductor (" not in text
 
 
 def test_bench_refuses_bad_input(tmp_path: Path) -> None:

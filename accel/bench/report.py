@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from accel.atomic import atomic_path, write_text_atomic
+from accel.bench.host import CONTENDED_CORES
 
 DESCRIPTIONS: dict[str, str] = {
     "A": "diffusers eager, 1 GPU",
@@ -98,6 +99,18 @@ def markdown(result: dict[str, Any]) -> str:
             )
             + " |"
         )
+    contended = {
+        name: entry["other_cpu_cores"]
+        for name, entry in result["configs"].items()
+        if (entry.get("other_cpu_cores") or 0.0) >= CONTENDED_CORES
+    }
+    if contended:
+        busy = ", ".join(f"{name} ({cores:.1f})" for name, cores in contended.items())
+        lines += [
+            "",
+            f"Timed while other processes kept CPU cores busy: {busy}. A launch-bound loop (eager above all) "
+            "runs slower on a contended host; those rows are not comparable and want a run on a quiet one.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -54,6 +54,7 @@ import torch.distributed as dist
 
 from accel.accelerator import Accelerator
 from accel.atomic import write_text_atomic
+from accel.bench.host import CONTENDED_CORES, OtherCpu
 from accel.compile.backends import BACKEND_NAMES
 from accel.models import fusion
 from accel.testing import build_pipeline, full_size_pipeline
@@ -171,6 +172,7 @@ class Measured:
     loop_s: list[float] = field(default_factory=list)
     first_call_s: float = 0.0
     peak_mem_gib: list[float] = field(default_factory=list)
+    other_cpu_cores: float | None = None
     report: dict[str, Any] | None = None
     latents: Any = None
     image: Any = None
@@ -183,6 +185,7 @@ class Measured:
             "loop_median_s": statistics.median(self.loop_s),
             "first_call_s": self.first_call_s,
             "peak_mem_gib": self.peak_mem_gib,
+            "other_cpu_cores": self.other_cpu_cores,
         }
         report = self.report or {}
         for key in ("tau1", "tau2", "window", "steps", "compiled_stages", "loaded_stages", "eager_stages"):
@@ -228,11 +231,20 @@ def measure(
         # Hybrid: the adaptive window may start late, so its stages are first used in a full call.
         _call(pipe, denoiser, s, s.steps, device)
     result = Measured(name=name, first_call_s=first)
-    for _ in range(s.repeat):
-        run = _call(pipe, denoiser, s, s.steps, device)
-        result.e2e_s.append(run["e2e_s"])
-        result.loop_s.append(run["loop_s"])
-        result.latents, result.image = run["latents"], run["image"]
+    with OtherCpu() as other:
+        for _ in range(s.repeat):
+            run = _call(pipe, denoiser, s, s.steps, device)
+            result.e2e_s.append(run["e2e_s"])
+            result.loop_s.append(run["loop_s"])
+            result.latents, result.image = run["latents"], run["image"]
+    result.other_cpu_cores = other.cores
+    if other.cores is not None and other.cores >= CONTENDED_CORES:
+        log.warning(
+            "%s was timed while other processes kept %.1f CPU cores busy: a launch-bound loop runs slower "
+            "then; measure it again on a quiet host",
+            name,
+            other.cores,
+        )
     if device.type == "cuda":
         result.peak_mem_gib = [torch.cuda.max_memory_allocated(device) / 2**30]
     report = getattr(pipe, "last_report", None)
