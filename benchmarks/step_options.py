@@ -29,14 +29,18 @@ coordinate_descent + fused_qkv.
 
 ``--profile`` adds, per option, where the GPU time of one call goes: kernel time summed by kind
 (matrix products, convolutions, attention, generated Triton kernels, other) from torch's profiler, with
-the busiest kernels named, and the share of the call the GPU is busy.
+the busiest kernels named, and the share of the call the GPU is busy. Every run also counts the eager
+call's FLOPs by the same kinds (``torch.utils.flop_counter``), so a profiled row says how many TFLOP/s
+each kind of kernel reaches; ``--device meta`` counts them without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -270,6 +274,55 @@ def kind_of(kernel: str) -> str:
     return next((kind for kind, parts in KINDS if any(p in name for p in parts)), "other")
 
 
+#: FLOP-counted ATen operators by kernel kind. Attention is counted from the shapes of each SDPA call
+#: (whichever kernel runs it; the counter misses some, such as the CPU's), so a ``bmm`` is a matrix product.
+FLOP_KINDS = (
+    ("convolution", ("convolution",)),
+    ("matrix product", ("mm", "addmm", "bmm", "baddbmm", "linear")),
+)
+
+
+def flop_kind(op: str) -> str:
+    """The kernel kind (see :data:`FLOP_KINDS`) of ATen operator ``op`` (``aten.addmm``), else ``"other"``."""
+    name = op.rsplit(".", 1)[-1]
+    return next((kind for kind, ops in FLOP_KINDS if name in ops), "other")
+
+
+def counted(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, int]]:
+    """``fn()`` and the FLOPs it ran by kernel kind (``torch.utils.flop_counter``: 2 per multiply-add;
+    attention ``2 * batch * heads * queries * keys * (head dim + value dim)``, as that counter has it)."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    in_attention: dict[str, int] = {}  # what the counter saw inside SDPA calls, not counted twice
+    attention_flops = 0
+    real = F.scaled_dot_product_attention
+
+    def attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        nonlocal attention_flops
+        attention_flops += 2 * math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        before = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
+        out = real(q, k, v, *args, **kwargs)
+        for op, n in counter.get_flop_counts().get("Global", {}).items():
+            in_attention[str(op)] = in_attention.get(str(op), 0) + int(n) - before.get(str(op), 0)
+        return out
+
+    with (
+        FlopCounterMode(display=False) as counter,
+        mock.patch.object(F, "scaled_dot_product_attention", attention),
+    ):
+        out = fn()
+    flops = {"attention": attention_flops}
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        kind = flop_kind(str(op))
+        flops[kind] = flops.get(kind, 0) + int(n) - in_attention.get(str(op), 0)
+    return out, {kind: n for kind, n in flops.items() if n}
+
+
 def profiled(call: Callable[[], torch.Tensor], device: torch.device, calls: int = 3) -> dict[str, Any]:
     """GPU kernel time of one ``call`` by kind (ms, averaged over ``calls``), its 8 busiest kernels, and
     the call's wall time on the GPU stream (so busy share = kernel time / wall time)."""
@@ -350,12 +403,15 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{result['model']} {result['size']}², {'VAE decoder' if result.get('component') == 'vae' else 'whole denoiser'} "
         f"per call{' (CUDA graph replay)' if result['rows'] and result['rows'][0].get('cuda_graph') else ''}, "
-        f"{env.get('gpu') or 'CPU'}, torch "
+        f"{'FLOPs counted on the meta device' if result.get('device') == 'meta' else env.get('gpu') or 'CPU'}, torch "
         f"{result['versions'].get('torch')}, diffusers {result['versions'].get('diffusers')}, {result['date']}.",
-        "",
-        "| batch | option | ms per call | vs default | first call s | max abs diff vs eager | rel. L2 vs eager |",
-        "|---:|---|---:|---:|---:|---:|---:|",
     ]
+    if result["rows"]:
+        lines += [
+            "",
+            "| batch | option | ms per call | vs default | first call s | max abs diff vs eager | rel. L2 vs eager |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
     for row in result["rows"]:
         base = next(
             (r["ms"] for r in result["rows"] if r["batch"] == row["batch"] and r["option"] == "default"), None
@@ -386,6 +442,24 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['batch']} | {row['option']} | {cells} | {prof['kernel_ms']:.2f} | {busy:.0%} |"
             )
+    for batch, flops in result.get("flops", {}).items():
+        kinds = sorted(flops, key=flops.get, reverse=True)
+        lines += [
+            "",
+            f"batch {batch}: TFLOP per eager call, {sum(flops.values()) / 1e12:.3f} in all (torch.utils.flop_counter)"
+            + (", and the TFLOP/s each profiled option's kernels reach" if profiled_rows else "")
+            + ":",
+            "",
+            "| option | " + " | ".join(kinds) + " |",
+            "|---|" + "---:|" * len(kinds),
+            "| TFLOP | " + " | ".join(f"{flops[k] / 1e12:.3f}" for k in kinds) + " |",
+        ]
+        for row in profiled_rows:
+            if str(row["batch"]) != batch:
+                continue
+            ms = row["profile"]["by_kind_ms"]
+            cells = (f"{flops[k] / 1e9 / ms[k]:.0f}" if ms.get(k) else "-" for k in kinds)
+            lines.append(f"| {row['option']}, TFLOP/s | " + " | ".join(cells) + " |")
     for failed in result.get("failed", []):
         lines.append(f"\nbatch {failed['batch']} {failed['option']}: failed ({failed['error']})")
     return "\n".join(lines) + "\n"
@@ -414,16 +488,28 @@ def main() -> None:
         "model": args.model,
         "component": args.component,
         "size": args.size,
+        "device": str(args.device),
         "environment": environment(),
         "versions": versions(),
         "date": time.strftime("%Y-%m-%d"),
         "rows": [],
     }
+
+    def save() -> None:  # after every row: a call cut short keeps what it measured
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        args.output.with_suffix(".md").write_text(markdown(result))
+
     for batch in args.batch or [2]:
         with torch.no_grad(), _sdpa_choices() as choices:
             call_args, call_kwargs = _inputs(model, batch, args.size, "eager")
-            ref = _output(model, call_args, call_kwargs)
+            ref, flops = counted(functools.partial(_output, model, call_args, call_kwargs))
+        result.setdefault("flops", {})[str(batch)] = flops
+        if ref.device.type == "meta":
+            save()
+            continue  # FLOPs only: nothing runs (or picks an attention kernel) on the meta device
         result.setdefault("sdpa_default", {})[str(batch)] = choices
+        save()
         for option in options:
             try:
                 row = measure(model, option, batch, args, ref)
@@ -438,9 +524,7 @@ def main() -> None:
                 f"batch {batch} {option}: {row['ms']:.2f} ms/call (first call {row['first_call_s']:.1f} s)",
                 flush=True,
             )
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-            args.output.with_suffix(".md").write_text(markdown(result))
+            save()
     print(markdown(result), flush=True)
 
 

@@ -79,3 +79,26 @@ def test_cpu_dry_run_writes_rows_and_puts_cudnn_benchmark_back(
     assert rows["eager+fused_qkv"]["max_abs_diff"] < 1e-4
     assert "| 1 | eager+cudnn-benchmark |" in out.with_suffix(".md").read_text()
     assert not result.get("failed")
+
+
+def test_flops_are_counted_by_kernel_kind_exactly(step_options: ModuleType) -> None:
+    torch.manual_seed(0)
+    linear, conv = torch.nn.Linear(8, 16), torch.nn.Conv2d(3, 5, kernel_size=3)
+    x, image = torch.randn(4, 8), torch.randn(1, 3, 6, 6)
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    a, b = torch.randn(3, 4, 5), torch.randn(3, 5, 2)
+
+    def call() -> torch.Tensor:
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return linear(x).sum() + conv(image).sum() + attended.sum() + torch.bmm(a, b).sum()
+
+    out, flops = step_options.counted(call)
+    assert torch.equal(out, call())  # counting changes nothing
+    assert flops == {
+        "matrix product": 2 * 4 * 8 * 16 + 2 * 3 * 4 * 5 * 2,  # the linear layer and a bmm outside attention
+        "convolution": 2 * 5 * 4 * 4 * 3 * 3 * 3,
+        "attention": 2 * 2 * 4 * 6 * (8 + 8),  # q k^T and p v
+    }
+    assert step_options.flop_kind("aten.addmm") == "matrix product"
+    assert step_options.flop_kind("aten.convolution") == "convolution"
+    assert step_options.flop_kind("aten.add") == "other"
