@@ -77,16 +77,22 @@ def test_a_tuned_aot_engine_is_recorded_shown_loaded_as_built_and_rebuilt_for_ot
         store.export(KEY, get_backend("aot", Tuning(autotune=True)), module, INPUTS)
     tuning = Tuning(conv_1x1_as_mm=True, coordinate_descent=True)
     with torch.no_grad():
+        began = time.perf_counter()
         tuned = store.export(KEY, get_backend("aot", tuning), module, INPUTS)
+        took = time.perf_counter() - began
         assert tuned.extra["tuning"] == tuning.to_dict()
+        # What the engine cost to build is recorded and shown (a part of the export call's own time).
+        assert 0 < tuned.extra["build_s"] <= took + 0.05
         # A run's plain backend loads the engine with the tuning it was built with.
         fn = store.load(KEY, "aot", module, INPUTS)
         (out,) = fn(*INPUTS)  # a stage callable returns its outputs as a tuple
         torch.testing.assert_close(out, module(*INPUTS), rtol=1e-5, atol=1e-6)
         (entry,) = inspect_engines(directory)["engines"]
         assert entry["tuning"] == tuning.to_dict() and not entry["problems"]
+        assert entry["build_s"] == tuned.extra["build_s"]
         table = CliRunner().invoke(cli.app, ["inspect", str(directory)], env={"COLUMNS": "250"})
         assert table.exit_code == 0 and "conv_1x1_as_mm, coordinate_descent" in table.output
+        assert f"{tuned.extra['build_s']:.0f} s" in table.output and "built in" in table.output
         # The same tuning keeps the engine; other tuning rebuilds it.
         assert store.export(KEY, get_backend("aot", tuning), module, INPUTS) == tuned
         plain = store.export(KEY, "aot", module, INPUTS)

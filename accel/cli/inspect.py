@@ -121,6 +121,7 @@ def inspect_engines(directory: Path, weights: dict[str, str] | None = None) -> d
     reuses it; ``"baked in"``) and which weights it was built with.
     """
     from accel.compile.store import (
+        BUILD_S,
         LOCK,
         MANIFEST,
         TUNING_NOTE,
@@ -160,6 +161,7 @@ def inspect_engines(directory: Path, weights: dict[str, str] | None = None) -> d
                 "backend": record.backend,
                 "tuning": _tuning_entry(record),
                 "tuning_note": record.extra.get(TUNING_NOTE),
+                "build_s": record.extra.get(BUILD_S),
                 "size": record.size,
                 "device_type": record.device_type,
                 "compute_capability": record.compute_capability,
@@ -255,7 +257,17 @@ def _tuning_cell(entry: dict[str, Any]) -> str:
 
 def _print_engines(console: Console, info: dict[str, Any]) -> None:
     table = Table(title=f"engines in {info['directory']} (manifest format {info.get('format')})")
-    for column in ("key", "backend", "tuning", "MB", "device", "weights", "integrity", "fits here"):
+    for column in (
+        "key",
+        "backend",
+        "tuning",
+        "built in",
+        "MB",
+        "device",
+        "weights",
+        "integrity",
+        "fits here",
+    ):
         table.add_column(column, overflow="fold")
     for e in info["engines"]:
         device = e.get("compute_capability") or e.get("device_type") or ""
@@ -265,6 +277,7 @@ def _print_engines(console: Console, info: dict[str, Any]) -> None:
             escape(e["key"]),
             e.get("backend", ""),
             _tuning_cell(e),
+            "-" if e.get("build_s") is None else f"{e['build_s']:.0f} s",
             f"{e.get('size', 0) / 1e6:.1f}",
             device,
             _weights_cell(e),

@@ -358,7 +358,9 @@ class AOTBackend(Backend):
                 "aot autotuning on CPU packs the weights into the package, which must hold code only: "
                 "export CPU engines without autotune in --tune (autotuning applies to GPU stages)."
             )
+        started = time.perf_counter()
         program = self._exported(module, example_inputs)
+        traced = time.perf_counter()
         # Every weight stays a constant bound at load: by default inductor inlines 1-d tensors of up to 8
         # values (biases and norm weights of narrow layers) into the generated code, which would then
         # keep the exported values whatever weights the package is bound to.
@@ -369,6 +371,12 @@ class AOTBackend(Backend):
         }
         with atomic_path(path, suffix=".pt2") as tmp:  # AOTInductor wants a .pt2 name
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
+        logger.info(
+            "aot %s: traced in %.1f s, compiled and packaged in %.1f s",
+            Path(path).name,
+            traced - started,
+            time.perf_counter() - traced,
+        )
         return Path(path)
 
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,6 +122,8 @@ TUNING = "tuning"
 #: the tuning asked for, and why it was not used
 TUNING_ASKED = "tuning_asked"
 TUNING_NOTE = "tuning_note"
+#: ``extra`` key of the wall-clock seconds the export of the engine took
+BUILD_S = "build_s"
 
 
 def binds_weights(record: EngineRecord) -> bool:
@@ -541,6 +544,7 @@ class EngineStore:
                 if tune_budget_s is not None and impl.tuning.searches
                 else contextlib.nullcontext()
             )
+            started = time.perf_counter()
             try:
                 with searches_bounded:
                     path = impl.export(module, example_inputs, self.directory / name)
@@ -560,6 +564,8 @@ class EngineStore:
                 extra={WEIGHTS: BOUND} if impl.binds_weights else {},
                 **want,
             )
+            # What the engine cost to build (a budget fallback included): told by `accel inspect`.
+            record.extra[BUILD_S] = round(time.perf_counter() - started, 1)
             if impl.tunable:
                 record.extra[TUNING] = built.tuning.to_dict()
             if note is not None:
