@@ -14,10 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+from accel.bench.configs import DEFAULT_CONFIGS, DEFAULT_EXPERT_MODE, EXPERT_MODES, WINDOW_MODES
 from accel.bench.speed import (
-    DEFAULT_CONFIGS,
-    EXPERT_MODES,
-    WINDOW_MODES,
     SuiteSettings,
     parse_names,
     parse_schedule,
@@ -40,7 +38,7 @@ def main() -> None:
     parser.add_argument("--engines", default=None)
     parser.add_argument("--plan", default=None)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--expert-mode", choices=EXPERT_MODES, default="max-autotune")
+    parser.add_argument("--expert-mode", choices=EXPERT_MODES, default=DEFAULT_EXPERT_MODE)
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

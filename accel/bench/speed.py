@@ -54,6 +54,14 @@ import torch.distributed as dist
 
 from accel.accelerator import Accelerator
 from accel.atomic import write_text_atomic
+from accel.bench.configs import (
+    BASELINES,
+    CONFIGS,
+    DEFAULT_CONFIGS,
+    DEFAULT_EXPERT_MODE,
+    EXPERT_MODES,
+    WINDOW_MODES,
+)
 from accel.bench.host import CONTENDED_CORES, OtherCpu
 from accel.compile.backends import BACKEND_NAMES
 from accel.models import fusion
@@ -64,14 +72,6 @@ from accel.wrapper import find_denoiser, unwrap
 
 log = logging.getLogger(__name__)
 
-CONFIGS: tuple[str, ...] = ("A", "B", "B*", "S", "C", "D", "E")
-#: What a run measures unless told otherwise (S wants engines exported from a one-device plan).
-DEFAULT_CONFIGS: tuple[str, ...] = ("A", "B", "B*", "C", "D", "E")
-#: The single-GPU baselines every configuration's speed-up is reported against.
-BASELINES: tuple[str, ...] = ("A", "B", "B*")
-WINDOW_MODES: tuple[str, ...] = ("reference", "cached", "off")
-#: ``torch.compile`` modes B* may use on a GPU (the recipe's inductor settings apply to both).
-EXPERT_MODES: tuple[str, ...] = ("max-autotune", "reduce-overhead")
 GUIDANCE: dict[str, float] = {"sdxl": 5.0, "sd3": 7.0}
 PROMPT = "an astronaut riding a horse on the moon, detailed, 8k"
 
@@ -127,7 +127,7 @@ class SuiteSettings:
     plan: str | None = None
     seed: int = 0
     tiny: bool = False
-    expert_mode: str = "max-autotune"
+    expert_mode: str = DEFAULT_EXPERT_MODE
 
     def __post_init__(self) -> None:
         if self.expert_mode not in EXPERT_MODES:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from accel.bench.configs import CONFIGS, DEFAULT_CONFIGS, DEFAULT_EXPERT_MODE, EXPERT_MODES, WINDOW_MODES
 from accel.bench.startup import MODES as STARTUP_MODES
 from accel.cli.common import fail
 
@@ -55,15 +56,16 @@ def bench(
         help="Speed suite: timed calls per configuration. Start-up suite: fresh runs per mode (median shown).",
     ),
     configs: str = typer.Option(
-        "A,B,B*,C,D,E",
+        ",".join(DEFAULT_CONFIGS),
         "--configs",
-        help="Speed suite: subset of A,B,B*,S,C,D,E (S: accel on one GPU with --engines; A, B, B*, S need one GPU).",
+        help=f"Speed suite: subset of {','.join(CONFIGS)} (S: accel on one GPU with --engines; A, B, B*, S "
+        "need one GPU).",
     ),
     backends: str = typer.Option(
         "inductor", "--backends", help="Speed suite: compiled backends for D (each) and S, E (the first)."
     ),
     window_modes: str = typer.Option(
-        "reference,cached,off", "--window-modes", help="Speed suite: window guidance modes for E."
+        ",".join(WINDOW_MODES), "--window-modes", help="Speed suite: window guidance modes for E."
     ),
     schedule: str = typer.Option("adaptive", "--schedule", help="Speed suite: E's schedule (or START,END)."),
     engines: Path = typer.Option(
@@ -71,10 +73,10 @@ def bench(
     ),
     plan: Path = typer.Option(None, "--plan", help="Speed suite: the plan file for E (the engines' plan)."),
     expert_mode: str = typer.Option(
-        "max-autotune",
+        DEFAULT_EXPERT_MODE,
         "--expert-mode",
-        help="Speed suite: B*'s torch.compile mode on a GPU, max-autotune or reduce-overhead (the recipe "
-        "without GEMM autotuning, minutes less compilation).",
+        help=f"Speed suite: B*'s torch.compile mode on a GPU, {' or '.join(EXPERT_MODES)} (reduce-overhead: "
+        "the recipe without GEMM autotuning, minutes less compilation).",
     ),
     tiny: bool = typer.Option(False, "--tiny", help="Speed suite: tiny pipelines on the CPU (a dry run)."),
     report_files: list[Path] = typer.Option(

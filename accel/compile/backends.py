@@ -42,6 +42,7 @@ import torch
 from accel.atomic import atomic_path, write_text_atomic
 from accel.compile.cxxruntime import loaded_libstdcxx, share_libstdcxx
 from accel.compile.loader_check import MARKER_PREFIX, cache_folder, check_lock
+from accel.compile.stage import stage_model
 from accel.errors import AccelError
 from accel.settings import Tuning
 
@@ -246,7 +247,7 @@ def _fresh_cache_artifacts() -> Any:
 
 def _repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     """Blocks listed in diffusers' ``_repeated_blocks`` (transformer blocks), for regional compilation."""
-    model = getattr(module, "model", module)
+    model = stage_model(module)
     names = set(getattr(model, "_repeated_blocks", ()) or ())
     if not names:
         return []

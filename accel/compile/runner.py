@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from accel.compile.backends import Backend, BackendError, StageCallable, compile_stage, get_backend
+from accel.compile.stage import stage_model
 from accel.compile.store import EngineError, EngineStore
 from accel.models import fusion
 
@@ -222,7 +223,7 @@ class RunnerCounts:
 
 
 def _fused(module: torch.nn.Module) -> bool:
-    return fusion.is_fused(getattr(module, "model", module))
+    return fusion.is_fused(stage_model(module))
 
 
 class StageRunner:
@@ -321,7 +322,7 @@ class StageRunner:
                     f"{self.backend.name} engine holds its own copy of the weights. Wrap the pipeline again "
                     "after changing weights, or use a backend that binds them at load (aot, inductor)."
                 )
-            model = getattr(bound.module, "model", bound.module)
+            model = stage_model(bound.module)
             if id(model) not in refreshed and fusion.is_fused(model):
                 fusion.refresh(model)  # once per model: its stages share the fused copies
                 refreshed.add(id(model))

@@ -215,6 +215,12 @@ class StageModule(torch.nn.Module):
         return json.dumps(blob, sort_keys=True)
 
 
+def stage_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The diffusers model a stage runs: a :class:`StageModule`'s ``model``, else ``module`` itself (a
+    decoder stage, or a whole denoiser given as a stage)."""
+    return getattr(module, "model", module)
+
+
 def stage_fingerprint(stage: StageModule) -> str:
     """sha256 (16 hex digits) of :meth:`StageModule.graph_signature`: independent of weight values."""
     return hashlib.sha256(stage.graph_signature().encode()).hexdigest()[:16]

@@ -52,7 +52,7 @@ import torch
 from accel.atomic import acquire_flock, write_text_atomic
 from accel.compile.backends import Backend, StageCallable, get_backend
 from accel.compile.budget import exceeded, time_budget
-from accel.compile.stage import TensorSpec
+from accel.compile.stage import TensorSpec, stage_model
 from accel.errors import AccelError
 from accel.models import fusion
 from accel.models.base import dtype_name
@@ -189,7 +189,7 @@ def _answers(record: EngineRecord, tuning: Tuning) -> bool:
 
 def _fuse_for(key: str, module: torch.nn.Module) -> None:
     """Fuse the q/k/v projections of the stage's model for engine ``key`` (:mod:`accel.models.fusion`)."""
-    model = getattr(module, "model", module)
+    model = stage_model(module)
     try:
         fused_now = fusion.fuse(model)
     except fusion.FusionError as exc:
@@ -218,7 +218,7 @@ def module_weights_fingerprint(module: torch.nn.Module) -> str:
     """The weights fingerprint of the stage's model (equal to the plan's for a stage module)."""
     from accel.plan import weights_fingerprint
 
-    return weights_fingerprint(getattr(module, "model", module))
+    return weights_fingerprint(stage_model(module))
 
 
 def device_of(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> torch.device:
