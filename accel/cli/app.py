@@ -7,12 +7,14 @@ imports them all and must stay fast.
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 
 import typer
 
 from accel.cli import bench, doctor, export, inspect, plan, run, serve
+from accel.proctree import end_descendants
 
 #: The signals a command stops on with a one-line message and exit status ``128 + signum``.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -49,5 +51,7 @@ def main() -> None:
         app()
     finally:
         if received:
+            # Compile workers stopped mid-job may outlive this process and keep every core busy.
+            end_descendants(os.getpid())
             name = signal.Signals(received[0]).name
             typer.echo(f"accel: interrupted ({name}), stopped.", err=True)

@@ -1,0 +1,88 @@
+"""``accel.proctree`` and the command line's stop path: a stopped command leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from accel.proctree import descendants, end_descendants
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="reads the process tree in /proc"
+)
+
+# A root process whose child starts a grandchild (a compile worker's pool, say); the root prints both pids.
+TREE = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
+    GRANDCHILD = "import subprocess, sys, time; p = subprocess.Popen(%r); print(p.pid, flush=True); time.sleep(120)"
+    child = subprocess.Popen([sys.executable, "-c", GRANDCHILD % (SLEEP,)], stdout=subprocess.PIPE, text=True)
+    print(child.pid, child.stdout.readline().strip(), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_the_tree_is_found_whole_and_ended_with_a_kill_for_what_ignores_sigterm() -> None:
+    root = subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert root.stdout is not None
+        child, grandchild = (int(pid) for pid in root.stdout.readline().split())
+        assert descendants(root.pid) == [child, grandchild]  # nearest first
+        assert {root.pid, child, grandchild} <= set(descendants(os.getpid()))
+        # A stopped process does not act on SIGTERM: after the grace period it gets SIGKILL.
+        os.kill(child, signal.SIGSTOP)
+        began = time.monotonic()
+        assert end_descendants(root.pid, grace_s=0.5) == [child, grandchild]
+        deadline = time.monotonic() + 5
+        while (_alive(child) or _alive(grandchild)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child) and not _alive(grandchild)
+        assert 0.5 <= time.monotonic() - began < 5  # the kill came after the grace period
+        assert _alive(root.pid) and descendants(root.pid) == []
+    finally:
+        root.kill()
+        root.wait()
+
+
+def test_a_stopped_command_ends_the_processes_it_started(tmp_path: Path) -> None:
+    # A real `accel plan` run in a process that has started a worker of its own, stopped by SIGTERM.
+    driver = textwrap.dedent(
+        f"""
+        import subprocess, sys
+        from accel.cli.app import main
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        sys.argv = ["accel", "plan", "--demo", "sdxl", "--device", "cpu", "--devices", "1", "--repeat", "200",
+                    "-o", {str(tmp_path / "p.json")!r}]
+        print(worker.pid, flush=True)
+        main()
+        """
+    )
+    command = subprocess.Popen(
+        [sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert command.stdout is not None and command.stderr is not None
+    worker = int(command.stdout.readline())
+    time.sleep(1.5)  # inside the command: its stop handlers are the first thing main() sets
+    command.send_signal(signal.SIGTERM)
+    _, err = command.communicate(timeout=30)
+    assert command.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "accel: interrupted (SIGTERM), stopped.", err
+    assert not _alive(worker)
+    assert not (tmp_path / "p.json").exists()
