@@ -183,32 +183,49 @@ def _inputs(model: torch.nn.Module, batch: int, size: int, option: str) -> tuple
     return args, kwargs
 
 
+SdpaFunction = Callable[..., torch.Tensor]
+
+
+@contextlib.contextmanager
+def _sdpa_wrapped(wrap: Callable[[SdpaFunction], SdpaFunction]) -> Iterator[None]:
+    """``F.scaled_dot_product_attention`` replaced by ``wrap(the function)`` inside (diffusers' attention
+    processors look it up at every call)."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = wrap(original)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 @contextlib.contextmanager
 def _sdpa_choices() -> Iterator[dict[str, int]]:
     """Counts of the SDPA backend torch picks by default for each attention call made inside
     (``"<backend> q<shape>"``), read from torch's own chooser."""
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend
 
     counts: dict[str, int] = {}
-    original = F.scaled_dot_product_attention
     names = {int(b): name for name, b in SDPBackend.__members__.items()}
 
-    def counted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        try:
-            mask = kwargs.get("attn_mask", args[0] if args else None)
-            choice = names.get(int(torch._fused_sdp_choice(q, k, v, mask)), "?")
-        except (RuntimeError, TypeError):
-            choice = "?"
-        label = f"{choice} q{list(q.shape)} kv{list(k.shape)[-2:]}"
-        counts[label] = counts.get(label, 0) + 1
-        return original(q, k, v, *args, **kwargs)
+    def wrap(original: SdpaFunction) -> SdpaFunction:
+        def counted(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> torch.Tensor:
+            try:
+                mask = kwargs.get("attn_mask", args[0] if args else None)
+                choice = names.get(int(torch._fused_sdp_choice(q, k, v, mask)), "?")
+            except (RuntimeError, TypeError):
+                choice = "?"
+            label = f"{choice} q{list(q.shape)} kv{list(k.shape)[-2:]}"
+            counts[label] = counts.get(label, 0) + 1
+            return original(q, k, v, *args, **kwargs)
 
-    F.scaled_dot_product_attention = counted
-    try:
+        return counted
+
+    with _sdpa_wrapped(wrap):
         yield counts
-    finally:
-        F.scaled_dot_product_attention = original
 
 
 def _output(target: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -291,30 +308,26 @@ def flop_kind(op: str) -> str:
 def counted(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, int]]:
     """``fn()`` and the FLOPs it ran by kernel kind (``torch.utils.flop_counter``: 2 per multiply-add;
     attention ``2 * batch * heads * queries * keys * (head dim + value dim)``, as that counter has it)."""
-    from unittest import mock
-
-    import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
     in_attention: dict[str, int] = {}  # what the counter saw inside SDPA calls, not counted twice
     attention_flops = 0
-    real = F.scaled_dot_product_attention
 
-    def attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> torch.Tensor:
-        nonlocal attention_flops
-        attention_flops += 2 * math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-        before = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
-        out = real(q, k, v, *args, **kwargs)
-        for op, n in counter.get_flop_counts().get("Global", {}).items():
-            in_attention[str(op)] = in_attention.get(str(op), 0) + int(n) - before.get(str(op), 0)
-        return out
+    def wrap(original: SdpaFunction) -> SdpaFunction:
+        def attention(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> torch.Tensor:
+            nonlocal attention_flops
+            attention_flops += 2 * math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+            before = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
+            out = original(q, k, v, *args, **kwargs)
+            for op, n in counter.get_flop_counts().get("Global", {}).items():
+                in_attention[str(op)] = in_attention.get(str(op), 0) + int(n) - before.get(str(op), 0)
+            return out
 
-    with (
-        FlopCounterMode(display=False) as counter,
-        mock.patch.object(F, "scaled_dot_product_attention", attention),
-    ):
+        return attention
+
+    with FlopCounterMode(display=False) as counter, _sdpa_wrapped(wrap):
         out = fn()
     flops = {"attention": attention_flops}
     for op, n in counter.get_flop_counts().get("Global", {}).items():
