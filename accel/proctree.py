@@ -42,11 +42,26 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+#: Helpers that end by themselves when the process they serve does, and that its last clean-up still
+#: talks to: multiprocessing's resource tracker (ending it early makes that clean-up start a new one,
+#: which then reports every shared-memory block it never saw) and fork server.
+HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def _is_helper(pid: int) -> bool:
+    try:
+        command = (_PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return any(helper in command for helper in HELPERS)
+
+
 def end_descendants(root: int, grace_s: float = 2.0) -> list[int]:
-    """SIGTERM every process below ``root``, then SIGKILL those still alive after ``grace_s`` seconds;
-    returns the pids signalled. The tree is read once, before any signal: a worker whose parent ends
-    first is handed to another parent, where a second look would no longer find it."""
-    pids = descendants(root)
+    """SIGTERM every process below ``root`` but multiprocessing's helpers (:data:`HELPERS`; their own
+    children are not spared), then SIGKILL those still alive after ``grace_s`` seconds; returns the pids
+    signalled. The tree is read once, before any signal: a worker whose parent ends first is handed to
+    another parent, where a second look would no longer find it."""
+    pids = [pid for pid in descendants(root) if not _is_helper(pid)]
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s

@@ -61,6 +61,31 @@ def test_the_tree_is_found_whole_and_ended_with_a_kill_for_what_ignores_sigterm(
         root.wait()
 
 
+def test_multiprocessing_helpers_are_left_to_end_with_their_process() -> None:
+    # Ending the resource tracker early makes the process's last clean-up start another, which then
+    # prints a traceback per shared-memory block it never saw.
+    script = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        from multiprocessing import resource_tracker
+        resource_tracker.ensure_running()
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        print(resource_tracker._resource_tracker._pid, worker.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    root = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert root.stdout is not None
+        tracker, worker = (int(pid) for pid in root.stdout.readline().split())
+        assert set(descendants(root.pid)) == {tracker, worker}
+        assert end_descendants(root.pid, grace_s=1.0) == [worker]
+        assert _alive(tracker) and not _alive(worker)
+    finally:
+        root.kill()
+        root.wait()
+
+
 def test_a_stopped_command_ends_the_processes_it_started(tmp_path: Path) -> None:
     # A real `accel plan` run in a process that has started a worker of its own, stopped by SIGTERM.
     driver = textwrap.dedent(
