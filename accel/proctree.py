@@ -68,11 +68,25 @@ def end_descendants(root: int, grace_s: float = 2.0) -> list[int]:
     alive = pids
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
-        live = _parents()
-        alive = [p for p in alive if p in live]
+        alive = [pid for pid in alive if process_alive(pid)]
     for pid in alive:
         _signal(pid, signal.SIGKILL)
     return pids
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie, exited but not yet reaped, has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from accel.proctree import descendants, end_descendants
+from accel.proctree import descendants, end_descendants, process_alive
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/stat").exists(), reason="reads the process tree in /proc"
@@ -31,14 +31,6 @@ TREE = textwrap.dedent(
 )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def test_the_tree_is_found_whole_and_ended_with_a_kill_for_what_ignores_sigterm() -> None:
     root = subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE, text=True)
     try:
@@ -51,11 +43,11 @@ def test_the_tree_is_found_whole_and_ended_with_a_kill_for_what_ignores_sigterm(
         began = time.monotonic()
         assert end_descendants(root.pid, grace_s=0.5) == [child, grandchild]
         deadline = time.monotonic() + 5
-        while (_alive(child) or _alive(grandchild)) and time.monotonic() < deadline:
+        while (process_alive(child) or process_alive(grandchild)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(child) and not _alive(grandchild)
+        assert not process_alive(child) and not process_alive(grandchild)
         assert 0.5 <= time.monotonic() - began < 5  # the kill came after the grace period
-        assert _alive(root.pid) and descendants(root.pid) == []
+        assert process_alive(root.pid) and descendants(root.pid) == []
     finally:
         root.kill()
         root.wait()
@@ -80,7 +72,7 @@ def test_multiprocessing_helpers_are_left_to_end_with_their_process() -> None:
         tracker, worker = (int(pid) for pid in root.stdout.readline().split())
         assert set(descendants(root.pid)) == {tracker, worker}
         assert end_descendants(root.pid, grace_s=1.0) == [worker]
-        assert _alive(tracker) and not _alive(worker)
+        assert process_alive(tracker) and not process_alive(worker)
     finally:
         root.kill()
         root.wait()
@@ -109,5 +101,5 @@ def test_a_stopped_command_ends_the_processes_it_started(tmp_path: Path) -> None
     _, err = command.communicate(timeout=30)
     assert command.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "accel: interrupted (SIGTERM), stopped.", err
-    assert not _alive(worker)
+    assert not process_alive(worker)
     assert not (tmp_path / "p.json").exists()

@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from accel.cli import app as cli
 from accel.launch import free_port
+from accel.proctree import process_alive
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -89,14 +90,6 @@ class Server:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +363,7 @@ def test_sigterm_drains_then_exits_0(server) -> None:
         assert late.status_code == 503 and "draining" in late.text
     assert server.process.wait(60) == 0, server.output()[-3000:]
     assert "drained and stopped" in server.output()
-    assert not [pid for pid in workers if _alive(pid)]
+    assert not [pid for pid in workers if process_alive(pid)]
 
 
 def test_an_idle_period_longer_than_the_collective_timeout_does_not_stop_the_server(servers, server) -> None:
@@ -395,7 +388,7 @@ def test_a_killed_worker_ends_the_server_with_503_and_a_clear_message(servers, s
     message = " ".join(doomed.output().split())
     assert "the server stopped because a worker failed" in message, message[-3000:]
     assert "rank 1: stopped by signal 9 (SIGKILL)" in message, message[-3000:]
-    assert not [pid for pid in workers if _alive(pid)]
+    assert not [pid for pid in workers if process_alive(pid)]
 
 
 def _request(size: int = 64, n: int = 1, steps: int = 4) -> Any:

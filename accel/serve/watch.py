@@ -5,26 +5,12 @@ collective timeout (NCCL does not notice a dead peer by itself)."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping
 
+from accel.proctree import process_alive
+
 log = logging.getLogger(__name__)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited (a zombie, exited but not yet reaped, has)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel whether the pid exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
 
 
 class PeerWatch:
