@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,8 +80,12 @@ class CallReport:
     ``r_i`` per step (NaN for pipelined steps), ``plan_seconds`` spent planning at a new shape.
     ``compiled_stages``/``loaded_stages``/``eager_stages``: stage callables compiled in memory, loaded
     from the engine directory, or left eager after a failure, since wrapping (compiled backends only);
-    ``stage_seconds`` the time spent compiling or loading them, since wrapping; ``rebound_stages`` how many
-    times a stage was bound to weights replaced after it was compiled or loaded.
+    ``stage_seconds`` the time spent compiling or loading them, since wrapping, and
+    ``stage_first_call_seconds`` in their first calls (``torch.compile``'s lazy compilation, CUDA-graph
+    capture); ``compiler_work`` what torch's compiler did for them meanwhile (graphs generated, graphs read
+    from its cache, kernel benchmarks: :class:`accel.compile.runner.CompilerWork`; no graphs generated and
+    no benchmarks when engines served every stage); ``rebound_stages`` how many times a stage was bound to
+    weights replaced after it was compiled or loaded.
     """
 
     rank: int
@@ -104,6 +108,8 @@ class CallReport:
     loaded_stages: int = 0
     eager_stages: int = 0
     stage_seconds: float = 0.0
+    stage_first_call_seconds: float = 0.0
+    compiler_work: dict[str, int] = field(default_factory=dict)
     rebound_stages: int = 0
 
 
@@ -232,6 +238,8 @@ class AcceleratedPipeline:
                 loaded_stages=counts.loaded,
                 eager_stages=counts.fallbacks,
                 stage_seconds=counts.seconds,
+                stage_first_call_seconds=counts.first_call_seconds,
+                compiler_work=asdict(counts.work),
                 rebound_stages=counts.rebound,
             )
         report = CallReport(

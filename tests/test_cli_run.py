@@ -317,3 +317,40 @@ def test_the_pre_launch_engine_check_reads_no_weights_for_engines_that_bind_them
         check_engines(target, engines, "eager", None, "cpu", "hybrid")
     message = str(refused.value)
     assert "engine 'cfg.full.64x64.b1'" in message and "graph differs" in message
+
+
+def test_run_summary_names_what_the_stages_cost() -> None:
+    """The human summary of a run with compiled stages has one line on how they were made and what their
+    first calls cost; an eager run has none."""
+    from rich.console import Console
+
+    from accel.cli.run import _print_summary
+
+    call = {"images": 1, "seconds": 2.5, "collectives": 0, "bytes_sent": 0}
+    staged = {
+        **call,
+        "loaded_stages": 2,
+        "stage_seconds": 0.5,
+        "stage_first_call_seconds": 82.04,
+        "compiler_work": {"graphs_generated": 0, "graphs_cached": 2, "kernel_benchmarks": 1432},
+    }
+    summary = {
+        "target": "p.json",
+        "world_size": 1,
+        "steps": 50,
+        "strategy": "cfg",
+        "images": [],
+        "node_rank": 0,
+    }
+    for calls, line in (
+        (
+            [staged],
+            "stages: 2 loaded, 0 compiled, 0 eager; 0.5 s to load or compile, 82.0 s in first calls; "
+            "compiler: 0 graph(s) generated, 2 from its cache, 1432 kernel benchmark(s)",
+        ),
+        ([call], None),
+    ):
+        console = Console(record=True, width=300)
+        _print_summary(console, {**summary, "calls": calls})
+        text = console.export_text()
+        assert (line in text) if line else ("stages:" not in text), text

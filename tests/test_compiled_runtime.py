@@ -220,6 +220,8 @@ def test_one_device_export_loads_every_stage_in_accel_run(
     [call] = json.loads(result.stdout)["calls"]
     stages = len(EngineStore(engines).records())
     assert (call["loaded_stages"], call["compiled_stages"], call["eager_stages"]) == (stages, 0, 0)
+    assert call["compiler_work"] == {"graphs_generated": 0, "graphs_cached": 0, "kernel_benchmarks": 0}
+    assert call["stage_first_call_seconds"] > 0.0
     assert out.is_file()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -54,3 +56,46 @@ def test_engines_holding_their_weights_refuse_any_change(tmp_path) -> None:
     ):
         runner.check_weights()
     assert runner.counts.rebound == 0
+
+
+def test_first_calls_count_the_compilers_work(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stage compiled in memory generates its graph in its first call; the same stage loaded from an
+    inductor engine into an empty compiler cache reads it back and generates nothing; loaded under a
+    compiler setting the engine was not built with, it generates the graph again, and a warning says so."""
+    import torch._inductor.config as inductor_config
+
+    from accel.compile.store import EngineStore
+
+    model, x = _mlp(), torch.randn(2, 4)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache-compile"))
+    torch._dynamo.reset()
+    runner = StageRunner("inductor", strict=True)
+    with torch.no_grad():
+        fn = runner.get("mlp", model, (x,))
+        assert (runner.counts.compiled, runner.counts.first_call_seconds) == (1, 0.0)  # compiled lazily
+        torch.testing.assert_close(fn(x), model(x), rtol=0, atol=1e-6)
+        fn(x)
+    first = runner.counts.first_call_seconds
+    assert first > 0.0
+    assert (runner.counts.work.graphs_generated, runner.counts.work.graphs_cached) == (1, 0)
+    assert runner.counts.first_call_seconds == first  # the second call is not a first call
+
+    engines = tmp_path / "engines"
+    with torch.no_grad():
+        EngineStore(engines).export("mlp", "inductor", model, (x,))
+    for setting, generated, cached in (({}, 0, 1), ({"max_fusion_size": 7}, 1, 0)):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / f"cache-load-{generated}"))
+        torch._dynamo.reset()
+        runner = StageRunner("inductor", engines=str(engines), strict=True)
+        caplog.clear()
+        with torch.no_grad(), inductor_config.patch(setting), caplog.at_level(logging.INFO, "accel"):
+            fn = runner.get("mlp", model, (x,))
+            torch.testing.assert_close(fn(x), model(x), rtol=0, atol=1e-6)
+        assert runner.counts.loaded == 1
+        work = runner.counts.work
+        assert (work.graphs_generated, work.graphs_cached, work.kernel_benchmarks) == (generated, cached, 0)
+        assert "stage mlp: first call" in caplog.text
+        assert ("yet its first call took" in caplog.text) == bool(generated), caplog.text
+    torch._dynamo.reset()

@@ -163,6 +163,18 @@ class SuiteSettings:
         return 2 if any(c in self.configs for c in "CDE") else 1
 
 
+#: What a call report says of the compiled stages, kept in each configuration's entry: how each stage
+#: was made, the seconds spent making it and in its first call, and the compiler's work meanwhile.
+STAGE_KEYS = (
+    "compiled_stages",
+    "loaded_stages",
+    "eager_stages",
+    "stage_seconds",
+    "stage_first_call_seconds",
+    "compiler_work",
+)
+
+
 @dataclass
 class Measured:
     """The timings and outputs of one configuration (one rank)."""
@@ -188,7 +200,7 @@ class Measured:
             "other_cpu_cores": self.other_cpu_cores,
         }
         report = self.report or {}
-        for key in ("tau1", "tau2", "window", "steps", "compiled_stages", "loaded_stages", "eager_stages"):
+        for key in ("tau1", "tau2", "window", "steps", *STAGE_KEYS):
             if key in report:
                 out[key] = report[key]
         return out
@@ -420,14 +432,7 @@ def _worker(acc: Any, s: SuiteSettings) -> dict[str, dict[str, Any]]:
 
 
 def _rank_report(report: dict[str, Any] | None) -> dict[str, Any]:
-    keys = (
-        "bytes_sent",
-        "pipeline_bytes",
-        "phase_seconds",
-        "compiled_stages",
-        "loaded_stages",
-        "eager_stages",
-    )
+    keys = ("bytes_sent", "pipeline_bytes", "phase_seconds", *STAGE_KEYS)
     return {k: (report or {}).get(k) for k in keys}
 
 

@@ -166,6 +166,8 @@ def measure(case: StartupCase, mode: str, work: Path, env: dict[str, str], log: 
         "compiled_stages": call.get("compiled_stages", 0),
         "loaded_stages": call.get("loaded_stages", 0),
         "eager_stages": call.get("eager_stages", 0),
+        "stage_first_call_s": call.get("stage_first_call_seconds"),
+        "compiler_work": call.get("compiler_work"),
     }
 
 

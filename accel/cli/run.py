@@ -215,6 +215,17 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
             row.append(f"steps {window[0]}-{window[1]}" if window else "none")
         table.add_row(*row)
     console.print(table)
+    last = calls[-1] if calls else {}
+    if any(last.get(k) for k in ("loaded_stages", "compiled_stages", "eager_stages")):
+        work = last.get("compiler_work") or {}
+        console.print(
+            f"stages: {last.get('loaded_stages', 0)} loaded, {last.get('compiled_stages', 0)} compiled, "
+            f"{last.get('eager_stages', 0)} eager; {last.get('stage_seconds', 0.0):.1f} s to load or compile, "
+            f"{last.get('stage_first_call_seconds', 0.0):.1f} s in first calls; compiler: "
+            f"{work.get('graphs_generated', 0)} graph(s) generated, {work.get('graphs_cached', 0)} from its "
+            f"cache, {work.get('kernel_benchmarks', 0)} kernel benchmark(s)",
+            highlight=False,
+        )
     for path in summary["images"]:
         console.print(f"wrote {path}", highlight=False)
     if summary["node_rank"] != 0:

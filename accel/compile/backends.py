@@ -212,17 +212,28 @@ class InductorBackend(Backend):
     def export(
         self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike[str]
     ) -> Path:
-        with _fresh_cache_artifacts():
-            fn = self.compile(module, example_inputs, strict=True)
-            with torch.no_grad():
-                fn(*example_inputs)
-            saved = torch.compiler.save_cache_artifacts()
+        saved = self._compile_and_save(module, example_inputs)
+        if saved is None:
+            # Compiled before in this process: dynamo served its code without compiling, so there was
+            # nothing to record. Forget compiled code (it compiles again from the cache when next called).
+            logger.info(
+                "inductor: the stage was compiled before in this process; compiling it again to save it"
+            )
+            torch._dynamo.reset()
+            saved = self._compile_and_save(module, example_inputs)
         if saved is None:
             raise BackendError("inductor produced no cache artifacts to save (was the stage compiled?).")
         blob, _info = saved
         with atomic_path(path) as tmp:
             Path(tmp).write_bytes(blob)
         return Path(path)
+
+    def _compile_and_save(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
+        with _fresh_cache_artifacts():
+            fn = self.compile(module, example_inputs, strict=True)
+            with torch.no_grad():
+                fn(*example_inputs)
+            return torch.compiler.save_cache_artifacts()
 
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
         if module is None:

@@ -28,7 +28,7 @@ import operator
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -210,16 +210,88 @@ class _Bound:
     weights: BoundWeights
 
 
+@dataclass(frozen=True)
+class CompilerWork:
+    """What torch's compiler did over a span, from its process-wide counters: graphs it generated code
+    for (``graphs_generated``: inductor FX-graph cache misses), graphs it read back from its cache
+    (``graphs_cached``), and kernel benchmarks it ran (``kernel_benchmarks``: autotuning and
+    coordinate-descent searches). A stage served entirely by its engine generates nothing and benchmarks
+    nothing."""
+
+    graphs_generated: int = 0
+    graphs_cached: int = 0
+    kernel_benchmarks: int = 0
+
+    @classmethod
+    def now(cls) -> CompilerWork:
+        """The counters' current totals in this process."""
+        from torch._dynamo.utils import counters
+
+        inductor = counters["inductor"]
+        return cls(
+            graphs_generated=inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"],
+            graphs_cached=inductor["fxgraph_cache_hit"],
+            kernel_benchmarks=sum(n for name, n in inductor.items() if name.startswith("benchmarking.")),
+        )
+
+    def __add__(self, other: CompilerWork) -> CompilerWork:
+        return CompilerWork(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def since(self, before: CompilerWork) -> CompilerWork:
+        """The work counted between ``before`` and these totals (``torch._dynamo.reset()`` zeroes the
+        counters: what was counted before a reset is not subtracted twice)."""
+        pairs = zip(self.astuple(), before.astuple(), strict=True)
+        return CompilerWork(*(now - then if now >= then else now for now, then in pairs))
+
+    def astuple(self) -> tuple[int, int, int]:
+        return (self.graphs_generated, self.graphs_cached, self.kernel_benchmarks)
+
+    def describe(self) -> str:
+        return (
+            f"{self.graphs_generated} graph(s) generated, {self.graphs_cached} read from the compiler's "
+            f"cache, {self.kernel_benchmarks} kernel benchmark(s)"
+        )
+
+
 @dataclass
 class RunnerCounts:
     """What a :class:`StageRunner` did: stages compiled in memory, loaded from engines, run eagerly,
-    bound again to replaced weights, and the seconds spent compiling or loading them."""
+    bound again to replaced weights, the seconds spent compiling or loading them and in their first calls
+    (where ``torch.compile`` does its work lazily, and a CUDA graph is captured), and the compiler work
+    counted meanwhile (:class:`CompilerWork`)."""
 
     compiled: int = 0
     loaded: int = 0
     fallbacks: int = 0
     rebound: int = 0
     seconds: float = 0.0
+    first_call_seconds: float = 0.0
+    work: CompilerWork = field(default_factory=CompilerWork)
+
+
+class _FirstCallMeter:
+    """Passes calls through to a stage callable; times the first one and counts the compiler's work in it
+    (its lazy compilation, cache reads, kernel tuning, CUDA-graph capture), then reports it to the runner.
+    Attributes (``rebind``) are the wrapped callable's."""
+
+    def __init__(self, fn: StageCallable, key: str, how: str, runner: StageRunner) -> None:
+        self.fn = fn
+        self._key, self._how, self._runner = key, how, runner
+        self._pending = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fn, name)
+
+    def __call__(self, *tensors: torch.Tensor) -> Any:
+        if not self._pending:
+            return self.fn(*tensors)
+        self._pending = False
+        before, started = CompilerWork.now(), time.perf_counter()
+        out = self.fn(*tensors)
+        self._runner._first_call_done(
+            self._key, self._how, time.perf_counter() - started, CompilerWork.now().since(before)
+        )
+        return out
 
 
 def _fused(module: torch.nn.Module) -> bool:
@@ -269,7 +341,7 @@ class StageRunner:
         fn = self._callables.get(memo)
         if fn is not None:
             return fn
-        started = time.perf_counter()
+        started, before = time.perf_counter(), CompilerWork.now()
         fn = self._load(key, module, example_inputs)
         how = "loaded"
         if fn is None:
@@ -285,6 +357,8 @@ class StageRunner:
         on_cuda = bool(example_inputs) and example_inputs[0].device.type == "cuda"
         if self.cuda_graphs and on_cuda and how != "eager" and self.backend.name in GRAPH_BACKENDS:
             fn = CUDAGraphCallable(fn, key)
+        if how != "eager":
+            fn = _FirstCallMeter(fn, key, how, self)
         self._callables[memo] = fn
         if how != "eager":
             # Engines holding their own weights cannot follow in-place edits either, nor can fused
@@ -292,8 +366,25 @@ class StageRunner:
             watch = BoundWeights(module, edits=not self.backend.binds_weights or _fused(module))
             self._bound[memo] = _Bound(key, module, fn, watch)
         self.counts.seconds += time.perf_counter() - started
+        self.counts.work += CompilerWork.now().since(before)
         log.info("stage %s: %s (backend %s)", key, how, self.backend.name)
         return fn
+
+    def _first_call_done(self, key: str, how: str, seconds: float, work: CompilerWork) -> None:
+        self.counts.first_call_seconds += seconds
+        self.counts.work += work
+        log.info("stage %s: first call %.1f s (%s)", key, seconds, work.describe())
+        if how == "loaded" and (work.graphs_generated or work.kernel_benchmarks):
+            log.warning(
+                "stage %s was loaded from %s, yet its first call took %.1f s and the compiler did work the "
+                "engine should have held (%s). Check that the engine was built by this torch and with the "
+                "tuning asked for (`accel inspect`); an aot engine holds its kernels and their tuned launch "
+                "parameters in the package (`accel export --backend aot`).",
+                key,
+                self.store.directory if self.store is not None else "the engine directory",
+                seconds,
+                work.describe(),
+            )
 
     def check_weights(self) -> None:
         """Bind every stage whose weights were replaced since it was bound to the new tensors, or refuse.
