@@ -36,6 +36,15 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     # S is accel on one device, compiled: the same math as A up to the compiler's reordering.
     assert data["configs"]["S-inductor"]["latent_max_abs_err"] < 1e-3
     assert data["configs"]["S-inductor"]["compiled_stages"] >= 1
+    # What the compiler did in each configuration's warm-up: nothing for eager A; for S, the work its
+    # stages' own accounting counted (compiled in memory: graphs generated, none loaded).
+    s_entry = data["configs"]["S-inductor"]
+    assert data["configs"]["A"]["warmup_compiler_work"] == dict.fromkeys(
+        ("graphs_generated", "graphs_cached", "kernel_benchmarks"), 0
+    )
+    assert s_entry["warmup_compiler_work"] == s_entry["compiler_work"]
+    assert s_entry["compiler_work"]["graphs_generated"] + s_entry["compiler_work"]["graphs_cached"] >= 1
+    assert s_entry["stage_first_call_seconds"] > 0.0
     c = data["configs"]["C"]
     # C is exact CFG split: its latents match A's up to batch-1 vs batch-2 rounding.
     assert c["latent_max_abs_err"] < 1e-3

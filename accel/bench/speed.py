@@ -64,6 +64,7 @@ from accel.bench.configs import (
 )
 from accel.bench.host import CONTENDED_CORES, OtherCpu
 from accel.compile.backends import BACKEND_NAMES
+from accel.compile.runner import CompilerWork
 from accel.models import fusion
 from accel.testing import build_pipeline, full_size_pipeline
 from accel.testing.measure import psnr, timed_generate
@@ -185,6 +186,7 @@ class Measured:
     first_call_s: float = 0.0
     peak_mem_gib: list[float] = field(default_factory=list)
     other_cpu_cores: float | None = None
+    warmup_compiler_work: dict[str, int] = field(default_factory=dict)
     report: dict[str, Any] | None = None
     latents: Any = None
     image: Any = None
@@ -198,6 +200,7 @@ class Measured:
             "first_call_s": self.first_call_s,
             "peak_mem_gib": self.peak_mem_gib,
             "other_cpu_cores": self.other_cpu_cores,
+            "warmup_compiler_work": self.warmup_compiler_work,
         }
         report = self.report or {}
         for key in ("tau1", "tau2", "window", "steps", *STAGE_KEYS):
@@ -236,13 +239,16 @@ def measure(
     """Warm up (short call, then a full one), then time ``repeat`` calls of ``pipe``."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start, before = time.perf_counter(), CompilerWork.now()
     _call(pipe, denoiser, s, min(s.warmup_steps, s.steps), device)
     first = time.perf_counter() - start
     if getattr(getattr(pipe, "runtime", None), "plan", False) is not False:
         # Hybrid: the adaptive window may start late, so its stages are first used in a full call.
         _call(pipe, denoiser, s, s.steps, device)
     result = Measured(name=name, first_call_s=first)
+    # Whatever compiled it (torch.compile for B and B*, accel's stages for the others): graphs generated or
+    # read from the cache, kernel benchmark calls, so a slow first call says what it was spent on.
+    result.warmup_compiler_work = asdict(CompilerWork.now().since(before))
     with OtherCpu() as other:
         for _ in range(s.repeat):
             run = _call(pipe, denoiser, s, s.steps, device)
