@@ -111,6 +111,21 @@ def markdown(result: dict[str, Any]) -> str:
             f"Timed while other processes kept CPU cores busy: {busy}. A launch-bound loop (eager above all) "
             "runs slower on a contended host; those rows are not comparable and want a run on a quiet one.",
         ]
+    worked = {
+        name: entry["warmup_compiler_work"]
+        for name, entry in result["configs"].items()
+        if any((entry.get("warmup_compiler_work") or {}).values())
+    }
+    if worked:
+        said = "; ".join(
+            f"{name} {w.get('graphs_generated', 0)} generated, {w.get('graphs_cached', 0)} from the cache, "
+            f"{w.get('kernel_benchmarks', 0)} kernel benchmark calls"
+            for name, w in worked.items()
+        )
+        lines += [
+            "",
+            f"Compiler work in the warm-up calls (graphs; the first call s column's cause): {said}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
