@@ -83,7 +83,7 @@ class CallReport:
     ``stage_seconds`` the time spent compiling or loading them, since wrapping, and
     ``stage_first_call_seconds`` in their first calls (``torch.compile``'s lazy compilation, CUDA-graph
     capture); ``compiler_work`` what torch's compiler did for them meanwhile (graphs generated, graphs read
-    from its cache, kernel benchmarks: :class:`accel.compile.runner.CompilerWork`; no graphs generated and
+    from its cache, kernel benchmarks: :class:`accel.compile.work.CompilerWork`; no graphs generated and
     no benchmarks when engines served every stage); ``rebound_stages`` how many times a stage was bound to
     weights replaced after it was compiled or loaded.
     """

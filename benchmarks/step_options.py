@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -49,6 +50,7 @@ from typing import Any
 
 import torch
 
+from accel.compile.work import CompilerWork
 from accel.models import fusion
 
 #: option atoms; an option given on the command line is one atom or several joined by ``+``
@@ -383,11 +385,12 @@ def measure(
         def call() -> torch.Tensor:
             return _output(target, call_args, call_kwargs)
 
-        began = time.perf_counter()
+        began, before = time.perf_counter(), CompilerWork.now()
         out = call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         compile_s = time.perf_counter() - began
+        work = CompilerWork.now().since(before)
         timed = _graphed(call, device) if graphs else call
         times = _timed(timed, args.warmup, args.repeat, device)
         out = timed().clone()
@@ -405,6 +408,7 @@ def measure(
         "ms": statistics.median(times),
         "ms_min": min(times),
         "first_call_s": compile_s,
+        "compiler_work": dataclasses.asdict(work),
         "max_abs_diff": float(diff.abs().max()),
         "rel_l2": float(diff.norm() / ref.float().norm().clamp_min(1e-30)),
         **({"profile": profile} if profile else {}),

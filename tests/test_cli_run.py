@@ -346,7 +346,7 @@ def test_run_summary_names_what_the_stages_cost() -> None:
         (
             [staged],
             "stages: 2 loaded, 0 compiled, 0 eager; 0.5 s to load or compile, 82.0 s in first calls; "
-            "compiler: 0 graph(s) generated, 2 from its cache, 1432 kernel benchmark(s)",
+            "compiler: 0 graph(s) generated, 2 read from the cache, 1432 kernel benchmark call(s)",
         ),
         ([call], None),
     ):

@@ -85,10 +85,10 @@ def test_a_stopped_command_ends_the_processes_it_started(tmp_path: Path) -> None
         import subprocess, sys
         from accel.cli.app import main
         worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-        sys.argv = ["accel", "plan", "--demo", "sdxl", "--device", "cpu", "--devices", "1", "--repeat", "200",
+        sys.argv = ["accel", "plan", "--demo", "sdxl", "--device", "cpu", "--devices", "1", "--repeat", "2000",
                     "-o", {str(tmp_path / "p.json")!r}]
         print(worker.pid, flush=True)
-        main()
+        main(stop_grace_s=1.0)
         """
     )
     command = subprocess.Popen(
@@ -103,3 +103,51 @@ def test_a_stopped_command_ends_the_processes_it_started(tmp_path: Path) -> None
     assert err.strip().splitlines()[-1] == "accel: interrupted (SIGTERM), stopped.", err
     assert not process_alive(worker)
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("swallowed", [1, 1000])
+def test_a_stop_that_a_command_swallows_still_ends_it(swallowed: int) -> None:
+    """Code that catches every exception swallows the stop's SystemExit: the signal is delivered again at
+    once (a command that swallows it once then unwinds cleanly), and a command that swallows every one is
+    ended outright after the grace period; both exit with the signal's status and the one-line message,
+    and the process they started is ended."""
+    driver = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        import accel.cli.app as cli
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+        def swallowing() -> None:
+            left = {swallowed}
+            print(worker.pid, flush=True)
+            while True:
+                try:
+                    time.sleep(0.05)
+                except BaseException:  # a catch-all, as some libraries and finalisers have
+                    left -= 1
+                    if left < 0:
+                        raise
+
+        cli.app = swallowing
+        cli.main(stop_grace_s=1.0)
+        """
+    )
+    command = subprocess.Popen(
+        [sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert command.stdout is not None
+    worker = int(command.stdout.readline())
+    began = time.monotonic()
+    command.send_signal(signal.SIGTERM)
+    try:
+        _, err = command.communicate(timeout=30)
+    finally:
+        command.kill()  # a stop that failed leaves nothing running after the test either
+        if process_alive(worker):
+            os.kill(worker, signal.SIGKILL)
+    took = time.monotonic() - began
+    assert command.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "accel: interrupted (SIGTERM), stopped.", err
+    assert not process_alive(worker)
+    # Delivered again at once; ended outright after the grace period (plus the children's 2 s at most).
+    assert (took < 1.0) if swallowed == 1 else (1.0 <= took < 4.0), took

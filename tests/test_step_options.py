@@ -77,6 +77,9 @@ def test_cpu_dry_run_writes_rows_and_puts_cudnn_benchmark_back(
     # Eager against eager: the same call, the same numbers; fused q/k/v only reorders the projections.
     assert rows["eager"]["max_abs_diff"] == 0 and rows["eager+cudnn-benchmark"]["max_abs_diff"] == 0
     assert rows["eager+fused_qkv"]["max_abs_diff"] < 1e-4
+    # Eager rows compile nothing: no graphs, no kernel benchmarks in their first call.
+    nothing = {"graphs_generated": 0, "graphs_cached": 0, "kernel_benchmarks": 0}
+    assert all(row["compiler_work"] == nothing for row in rows.values())
     assert "| 1 | eager+cudnn-benchmark |" in out.with_suffix(".md").read_text()
     assert not result.get("failed")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from accel.atomic import atomic_path, write_text_atomic
 from accel.bench.host import CONTENDED_CORES
+from accel.compile.work import CompilerWork
 
 DESCRIPTIONS: dict[str, str] = {
     "A": "diffusers eager, 1 GPU",
@@ -117,15 +118,8 @@ def markdown(result: dict[str, Any]) -> str:
         if any((entry.get("warmup_compiler_work") or {}).values())
     }
     if worked:
-        said = "; ".join(
-            f"{name} {w.get('graphs_generated', 0)} generated, {w.get('graphs_cached', 0)} from the cache, "
-            f"{w.get('kernel_benchmarks', 0)} kernel benchmark calls"
-            for name, w in worked.items()
-        )
-        lines += [
-            "",
-            f"Compiler work in the warm-up calls (graphs; the first call s column's cause): {said}.",
-        ]
+        said = "; ".join(f"{name}: {CompilerWork(**w).describe()}" for name, w in worked.items())
+        lines += ["", f"Compiler work in the warm-up calls (what the first call s column paid for): {said}."]
     return "\n".join(lines) + "\n"
 
 

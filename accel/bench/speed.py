@@ -64,7 +64,7 @@ from accel.bench.configs import (
 )
 from accel.bench.host import CONTENDED_CORES, OtherCpu
 from accel.compile.backends import BACKEND_NAMES
-from accel.compile.runner import CompilerWork
+from accel.compile.work import CompilerWork
 from accel.models import fusion
 from accel.testing import build_pipeline, full_size_pipeline
 from accel.testing.measure import psnr, timed_generate

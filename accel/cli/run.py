@@ -14,6 +14,7 @@ from rich.table import Table
 from accel.cli import options
 from accel.cli.common import fail, set_verbosity
 from accel.compile.loader_check import start_background_check
+from accel.compile.work import CompilerWork
 from accel.errors import AccelError
 from accel.launch import LaunchError, launch_function, launch_script
 from accel.request import DEFAULT_PROMPT, GenerationRequest, RequestError
@@ -217,13 +218,11 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     console.print(table)
     last = calls[-1] if calls else {}
     if any(last.get(k) for k in ("loaded_stages", "compiled_stages", "eager_stages")):
-        work = last.get("compiler_work") or {}
+        work = CompilerWork(**(last.get("compiler_work") or {}))
         console.print(
             f"stages: {last.get('loaded_stages', 0)} loaded, {last.get('compiled_stages', 0)} compiled, "
             f"{last.get('eager_stages', 0)} eager; {last.get('stage_seconds', 0.0):.1f} s to load or compile, "
-            f"{last.get('stage_first_call_seconds', 0.0):.1f} s in first calls; compiler: "
-            f"{work.get('graphs_generated', 0)} graph(s) generated, {work.get('graphs_cached', 0)} from its "
-            f"cache, {work.get('kernel_benchmarks', 0)} kernel benchmark(s)",
+            f"{last.get('stage_first_call_seconds', 0.0):.1f} s in first calls; compiler: {work.describe()}",
             highlight=False,
         )
     for path in summary["images"]:

@@ -36,6 +36,7 @@ import torch
 from accel.compile.backends import Backend, BackendError, StageCallable, compile_stage, get_backend
 from accel.compile.stage import stage_model
 from accel.compile.store import EngineError, EngineStore
+from accel.compile.work import CompilerWork
 from accel.models import fusion
 
 log = logging.getLogger(__name__)
@@ -210,49 +211,6 @@ class _Bound:
     weights: BoundWeights
 
 
-@dataclass(frozen=True)
-class CompilerWork:
-    """What torch's compiler did over a span, from its process-wide counters: graphs it generated code
-    for (``graphs_generated``: inductor FX-graph cache misses), graphs it read back from its cache
-    (``graphs_cached``), and kernel benchmarks it ran (``kernel_benchmarks``: autotuning and
-    coordinate-descent searches). A stage served entirely by its engine generates nothing and benchmarks
-    nothing."""
-
-    graphs_generated: int = 0
-    graphs_cached: int = 0
-    kernel_benchmarks: int = 0
-
-    @classmethod
-    def now(cls) -> CompilerWork:
-        """The counters' current totals in this process."""
-        from torch._dynamo.utils import counters
-
-        inductor = counters["inductor"]
-        return cls(
-            graphs_generated=inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"],
-            graphs_cached=inductor["fxgraph_cache_hit"],
-            kernel_benchmarks=sum(n for name, n in inductor.items() if name.startswith("benchmarking.")),
-        )
-
-    def __add__(self, other: CompilerWork) -> CompilerWork:
-        return CompilerWork(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
-
-    def since(self, before: CompilerWork) -> CompilerWork:
-        """The work counted between ``before`` and these totals (``torch._dynamo.reset()`` zeroes the
-        counters: what was counted before a reset is not subtracted twice)."""
-        pairs = zip(self.astuple(), before.astuple(), strict=True)
-        return CompilerWork(*(now - then if now >= then else now for now, then in pairs))
-
-    def astuple(self) -> tuple[int, int, int]:
-        return (self.graphs_generated, self.graphs_cached, self.kernel_benchmarks)
-
-    def describe(self) -> str:
-        return (
-            f"{self.graphs_generated} graph(s) generated, {self.graphs_cached} read from the compiler's "
-            f"cache, {self.kernel_benchmarks} kernel benchmark(s)"
-        )
-
-
 @dataclass
 class RunnerCounts:
     """What a :class:`StageRunner` did: stages compiled in memory, loaded from engines, run eagerly,
@@ -280,6 +238,8 @@ class _FirstCallMeter:
         self._pending = True
 
     def __getattr__(self, name: str) -> Any:
+        if name == "fn":  # not set yet (a copy being made): no recursion through this method
+            raise AttributeError(name)
         return getattr(self.fn, name)
 
     def __call__(self, *tensors: torch.Tensor) -> Any:
