@@ -11,7 +11,7 @@ import pytest
 import accel
 
 
-def _error_classes() -> list[type[BaseException]]:
+def _exception_classes() -> list[type[BaseException]]:
     found = []
     for info in pkgutil.walk_packages(accel.__path__, prefix="accel."):
         if info.name.endswith(".__main__"):  # runs the command line
@@ -27,7 +27,14 @@ def _error_classes() -> list[type[BaseException]]:
     return found
 
 
-ERRORS = _error_classes()
+EXCEPTIONS = _exception_classes()
+ERRORS = [e for e in EXCEPTIONS if issubclass(e, Exception)]
+
+
+def test_the_only_exceptions_that_are_not_errors_are_the_command_lines_stop() -> None:
+    # Control flow, not errors: the SystemExit a stopped command raises (it notices being swallowed).
+    others = {f"{e.__module__}.{e.__name__}" for e in EXCEPTIONS if not issubclass(e, Exception)}
+    assert others == {"accel.cli.app._Stop"}
 
 
 def test_every_error_class_is_found() -> None:
