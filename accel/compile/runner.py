@@ -319,12 +319,11 @@ class StageRunner:
             fn = CUDAGraphCallable(fn, key)
         if how != "eager":
             fn = _FirstCallMeter(fn, key, how, self)
-        self._callables[memo] = fn
-        if how != "eager":
             # Engines holding their own weights cannot follow in-place edits either, nor can fused
             # projections (copies of the originals): watch those too.
             watch = BoundWeights(module, edits=not self.backend.binds_weights or _fused(module))
             self._bound[memo] = _Bound(key, module, fn, watch)
+        self._callables[memo] = fn
         self.counts.seconds += time.perf_counter() - started
         self.counts.work += CompilerWork.now().since(before)
         log.info("stage %s: %s (backend %s)", key, how, self.backend.name)

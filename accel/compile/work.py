@@ -6,7 +6,8 @@ imports it when counting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import astuple, dataclass
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,13 @@ class CompilerWork:
         )
 
     def __add__(self, other: CompilerWork) -> CompilerWork:
-        return CompilerWork(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+        return CompilerWork(*map(operator.add, astuple(self), astuple(other)))
 
     def since(self, before: CompilerWork) -> CompilerWork:
         """The work counted between ``before`` and these totals (``torch._dynamo.reset()`` zeroes the
         counters: what was counted before a reset is not subtracted twice)."""
-        pairs = zip(self.astuple(), before.astuple(), strict=True)
+        pairs = zip(astuple(self), astuple(before), strict=True)
         return CompilerWork(*(now - then if now >= then else now for now, then in pairs))
-
-    def astuple(self) -> tuple[int, int, int]:
-        return (self.graphs_generated, self.graphs_cached, self.kernel_benchmarks)
 
     def describe(self) -> str:
         """One line for logs and summaries."""
