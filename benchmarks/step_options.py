@@ -78,7 +78,8 @@ OPTIONS = (*ATOMS, *COMBINED)
 #: inductor configuration of each atom (fused_qkv, channels_last and SDPA act on the model or the call).
 INDUCTOR = {
     "conv_1x1_as_mm": {"conv_1x1_as_mm": True},
-    "coordinate_descent": {"coordinate_descent_tuning": True},
+    # Off as in accel's inductor engines, so a graph read back from the cache keeps its search's results.
+    "coordinate_descent": {"coordinate_descent_tuning": True, "use_static_cuda_launcher": False},
     "gemm-autotune": {"max_autotune_gemm": True},
     "autotune": {"max_autotune": True},
 }

@@ -1,0 +1,127 @@
+"""Does an inductor engine built with coordinate-descent tuning search again when it is loaded?
+
+    python benchmarks/cd_reload_gpu.py -o cd-reload.json
+
+For each variant, one process compiles a small fp16 CUDA block (group norm, attention projections,
+layer norm, GEGLU; a few generated kernels) with inductor's ``coordinate_descent_tuning`` into an empty
+compiler cache and saves torch's portable cache artifacts, as ``accel export --backend inductor`` does;
+a second process, with another empty cache, installs them, compiles the same block and calls it once,
+as ``accel run --engines`` does. The second process's compiler counters (:class:`CompilerWork`) say what
+its first call did: graphs generated, graphs read from the cache, kernel benchmark calls (a search).
+
+Variants: ``static``: torch's defaults (its static CUDA launcher on); ``no-static``: the static launcher
+off; ``accel``: accel's own ``inductor`` backend with ``--tune coordinate_descent``. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {"static": {"use_static_cuda_launcher": True}, "no-static": {"use_static_cuda_launcher": False}}
+
+
+def _block():  # noqa: ANN202 - torch is imported in the child processes only
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self, dim: int = 640) -> None:
+            super().__init__()
+            self.norm = torch.nn.GroupNorm(32, dim)
+            self.qkv = torch.nn.Linear(dim, 3 * dim)
+            self.out = torch.nn.Linear(dim, dim)
+            self.ln = torch.nn.LayerNorm(dim)
+            self.up = torch.nn.Linear(dim, 8 * dim)
+            self.down = torch.nn.Linear(4 * dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.shape
+            t = self.norm(x).flatten(2).transpose(1, 2)
+            q, k, v = self.qkv(t).view(b, -1, 3, 10, c // 10).permute(2, 0, 3, 1, 4)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            t = t + self.out(a.transpose(1, 2).reshape(b, -1, c))
+            hidden, gate = self.up(self.ln(t)).chunk(2, dim=-1)
+            t = t + self.down(hidden * torch.nn.functional.gelu(gate))
+            return x + t.transpose(1, 2).reshape(b, c, h, w)
+
+    torch.manual_seed(0)
+    module = Block().to("cuda", torch.float16).eval()
+    return module, (torch.randn(1, 640, 64, 64, device="cuda", dtype=torch.float16),)
+
+
+def _child(role: str, variant: str, path: str) -> dict:
+    """``role`` ``export``: compile and save the artifacts to ``path``; ``load``: install them, compile,
+    call once. Returns the seconds and the compiler's work."""
+    import torch
+
+    from accel.compile.work import CompilerWork
+
+    module, inputs = _block()
+    started, before = time.perf_counter(), CompilerWork.now()
+    if variant == "accel":
+        from accel.compile.backends import get_backend
+        from accel.settings import Tuning
+
+        backend = get_backend("inductor", Tuning(coordinate_descent=True))
+        if role == "export":
+            backend.export(module, inputs, path)
+        else:
+            fn = backend.load(path, module=module)
+            with torch.no_grad():
+                fn(*inputs)
+    else:
+        options = {"coordinate_descent_tuning": True, **VARIANTS[variant]}
+        if role == "load":
+            torch.compiler.load_cache_artifacts(Path(path).read_bytes())
+        fn = torch.compile(module, dynamic=False, fullgraph=True, options=options)
+        with torch.no_grad():
+            fn(*inputs)
+        if role == "export":
+            blob, _ = torch.compiler.save_cache_artifacts()
+            Path(path).write_bytes(blob)
+    torch.cuda.synchronize()
+    work = CompilerWork.now().since(before)
+    return {"seconds": round(time.perf_counter() - started, 2), **vars(work)}
+
+
+def _run(role: str, variant: str, path: Path, cache: Path) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
+    cmd = [sys.executable, __file__, "--child", role, variant, str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "rc": proc.returncode}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default="static,no-static,accel")
+    p.add_argument("-o", "--output", default="cd-reload.json")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(_child(*args.child)))
+        return
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants.split(","):
+            path = Path(tmp) / f"{variant}.bin"
+            row = {"variant": variant, "export": _run("export", variant, path, Path(tmp) / f"{variant}-a")}
+            row["load"] = _run("load", variant, path, Path(tmp) / f"{variant}-b")
+            row["load_again"] = _run("load", variant, path, Path(tmp) / f"{variant}-b")  # warm local cache
+            rows.append(row)
+            sys.stderr.write(json.dumps(row) + "\n")
+    result = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "rows": rows}
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
