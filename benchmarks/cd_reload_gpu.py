@@ -5,7 +5,7 @@
 For each variant, one process compiles a small fp16 CUDA block (group norm, attention projections,
 layer norm, GEGLU; a few generated kernels) with inductor's ``coordinate_descent_tuning`` into an empty
 compiler cache and saves torch's portable cache artifacts, as ``accel export --backend inductor`` does;
-a second process, with another empty cache, installs them, compiles the same block and calls it once,
+a second process, with another empty cache,, installs them, compiles the same block and calls it once,
 as ``accel run --engines`` does. The second process's compiler counters (:class:`CompilerWork`) say what
 its first call did: graphs generated, graphs read from the cache, kernel benchmark calls (a search).
 
@@ -27,8 +27,51 @@ from pathlib import Path
 VARIANTS = {"static": {"use_static_cuda_launcher": True}, "no-static": {"use_static_cuda_launcher": False}}
 
 
-def _block():  # noqa: ANN202 - torch is imported in the child processes only
+def _module(name: str):  # noqa: ANN202 - torch is imported in the child processes only
+    """The module compiled and its inputs: ``block`` (a small attention block, fp16), ``vae`` (SDXL's
+    full-size VAE decoder, fp32 as diffusers decodes, 32x32 latent) or ``unet`` (SDXL's full-size U-Net,
+    fp16, 16x16 latent: every kernel of the real one at a size that searches quickly)."""
     import torch
+
+    if name in ("vae", "unet"):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        from accel.testing.pipelines import full_size_config
+
+        torch.manual_seed(0)
+        config = full_size_config("sdxl")[name]
+        if name == "vae":
+            vae = AutoencoderKL.from_config(config).to("cuda").eval()
+
+            class Decode(torch.nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.vae = vae
+
+                def forward(self, z: torch.Tensor) -> torch.Tensor:
+                    return self.vae.decode(z).sample
+
+            return Decode(), (torch.randn(1, 4, 32, 32, device="cuda"),)
+        unet = UNet2DConditionModel.from_config(config).to("cuda", torch.float16).eval()
+
+        class Denoise(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.unet = unet
+
+            def forward(self, x, t, text, pooled, time_ids):  # noqa: ANN001, ANN201
+                cond = {"text_embeds": pooled, "time_ids": time_ids}
+                return self.unet(x, t, text, added_cond_kwargs=cond).sample
+
+        h = dict(device="cuda", dtype=torch.float16)
+        inputs = (
+            torch.randn(1, 4, 16, 16, **h),
+            torch.tensor([500.0], device="cuda"),
+            torch.randn(1, 77, 2048, **h),
+            torch.randn(1, 1280, **h),
+            torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]], **h),
+        )
+        return Denoise(), inputs
 
     class Block(torch.nn.Module):
         def __init__(self, dim: int = 640) -> None:
@@ -55,14 +98,34 @@ def _block():  # noqa: ANN202 - torch is imported in the child processes only
     return module, (torch.randn(1, 640, 64, 64, device="cuda", dtype=torch.float16),)
 
 
-def _child(role: str, variant: str, path: str) -> dict:
+def _kernels() -> dict[str, int]:
+    """The Triton kernels loaded in this process, counted by kind, by what the autotune cache answered
+    when they were loaded, and by whether coordinate descent searched them in this process."""
+    from collections import Counter
+
+    from torch._inductor.codecache import PyCodeCache
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    modules = getattr(PyCodeCache, "modules", [])
+    modules = list(modules.values()) if isinstance(modules, dict) else list(modules)
+    found = {id(v): v for m in modules for v in vars(m).values() if isinstance(v, CachingAutotuner)}
+    counts: Counter[str] = Counter()
+    for k in found.values():
+        kind = str(getattr(k, "heuristic_type", "?")).rsplit(".", 1)[-1].lower()
+        cache = (getattr(k, "autotune_cache_info", None) or {}).get("autotune_cache_state", "none")
+        searched = bool(getattr(getattr(k, "coordesc_tuner", None), "cache", None))
+        counts[f"{kind} cache={cache} {'searched' if searched else 'kept'}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def _child(module_name: str, role: str, variant: str, path: str) -> dict:
     """``role`` ``export``: compile and save the artifacts to ``path``; ``load``: install them, compile,
     call once. Returns the seconds and the compiler's work."""
     import torch
 
     from accel.compile.work import CompilerWork
 
-    module, inputs = _block()
+    module, inputs = _module(module_name)
     started, before = time.perf_counter(), CompilerWork.now()
     if variant == "accel":
         from accel.compile.backends import get_backend
@@ -87,12 +150,12 @@ def _child(role: str, variant: str, path: str) -> dict:
             Path(path).write_bytes(blob)
     torch.cuda.synchronize()
     work = CompilerWork.now().since(before)
-    return {"seconds": round(time.perf_counter() - started, 2), **vars(work)}
+    return {"seconds": round(time.perf_counter() - started, 2), **vars(work), "kernels": _kernels()}
 
 
-def _run(role: str, variant: str, path: Path, cache: Path) -> dict:
+def _run(module: str, role: str, variant: str, path: Path, cache: Path) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
-    cmd = [sys.executable, __file__, "--child", role, variant, str(path)]
+    cmd = [sys.executable, __file__, "--child", module, role, variant, str(path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "rc": proc.returncode}
@@ -101,9 +164,10 @@ def _run(role: str, variant: str, path: Path, cache: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--module", choices=("block", "vae", "unet"), default="block")
     p.add_argument("--variants", default="static,no-static,accel")
     p.add_argument("-o", "--output", default="cd-reload.json")
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(_child(*args.child)))
@@ -114,9 +178,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):
             path = Path(tmp) / f"{variant}.bin"
-            row = {"variant": variant, "export": _run("export", variant, path, Path(tmp) / f"{variant}-a")}
-            row["load"] = _run("load", variant, path, Path(tmp) / f"{variant}-b")
-            row["load_again"] = _run("load", variant, path, Path(tmp) / f"{variant}-b")  # warm local cache
+            row = {"module": args.module, "variant": variant}
+            row["export"] = _run(args.module, "export", variant, path, Path(tmp) / f"{variant}-a")
+            row["load"] = _run(args.module, "load", variant, path, Path(tmp) / f"{variant}-b")
+            # again into the cache the first load filled
+            row["load_again"] = _run(args.module, "load", variant, path, Path(tmp) / f"{variant}-b")
             rows.append(row)
             sys.stderr.write(json.dumps(row) + "\n")
     result = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "rows": rows}
