@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--backends", type=parse_names, default=("inductor",))
     parser.add_argument("--window-modes", type=parse_names, default=WINDOW_MODES)
     parser.add_argument("--schedule", type=parse_schedule, default="adaptive")
-    parser.add_argument("--engines", default=None)
+    parser.add_argument("--engines", action="append", default=[], help="one per backend, in order")
     parser.add_argument("--plan", default=None)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--expert-mode", choices=EXPERT_MODES, default=DEFAULT_EXPERT_MODE)
@@ -52,7 +52,7 @@ def main() -> None:
         backends=args.backends,
         window_modes=args.window_modes,
         schedule=args.schedule,
-        engines=args.engines,
+        engines=tuple(args.engines),
         plan=args.plan,
         tiny=args.tiny,
         expert_mode=args.expert_mode,

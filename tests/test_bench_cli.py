@@ -26,10 +26,14 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(speed, "save", recorded)
     out = tmp_path / "tiny.json"
     args = ["bench", "--model", "sdxl", "--tiny", "--configs", "A,S,C", "--steps", "2", "--repeat", "1"]
-    result = runner.invoke(app, [*args, "--height", "64", "--width", "64", "-o", str(out)])
+    engines = tmp_path / "engines"  # holds none: S compiles in memory and the run says so
+    result = runner.invoke(
+        app, [*args, "--height", "64", "--width", "64", "--engines", str(engines), "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert set(data["configs"]) == {"A", "S-inductor", "C"}
+    assert data["engines"] == {"inductor": str(engines)} and data["engine_tuning"] == {"inductor": {}}
     # Each one-GPU configuration is saved as soon as it is measured: a run cut short keeps them.
     assert saved == [(["A"], False), (["A", "S-inductor"], False), (["A", "S-inductor", "C"], True)]
     assert data["tiny"] is True and data["steps"] == 2 and data["expert_mode"] == "max-autotune"
@@ -58,6 +62,7 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     text = (tmp_path / "README.md").read_text()
     assert "| C | accel CFG split, eager, 2 GPUs |" in text
     assert "| S-inductor | accel, inductor, 1 GPU |" in text
+    assert f"engines {engines} (inductor)." in text
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
     assert "cut short" not in text
     # The warm-up's compiler work is named for the compiled configuration, with its counts, not for A.
@@ -78,7 +83,12 @@ def test_speed_suite_dry_run_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     assert runner.invoke(app, ["bench", "--report", str(partial)]).exit_code == 0
     text = (partial.parent / "README.md").read_text()
     assert "The run was cut short: measured A, S-inductor of A, S, C requested." in text
-    assert "Engines' tuning: `cfg.full.64x64.b2` fused_qkv." in text
+    assert "Engines' tuning: `cfg.full.64x64.b2` fused_qkv." in text  # one directory (earlier results)
+    per_backend = {"inductor": {"cfg.b2": "fused_qkv"}, "aot": {"cfg.b2": "coordinate_descent"}}
+    partial.write_text(json.dumps({**data, "engine_tuning": per_backend}))
+    assert runner.invoke(app, ["bench", "--report", str(partial)]).exit_code == 0
+    text = (partial.parent / "README.md").read_text()
+    assert "Engines' tuning: inductor `cfg.b2` fused_qkv; aot `cfg.b2` coordinate_descent." in text
     # A row timed on a contended host is named as such; a quiet one is not.
     assert "Timed while other processes kept CPU cores busy: A (9.2)." in text
     assert "S-inductor (" not in text
@@ -94,6 +104,9 @@ def test_bench_refuses_bad_input(tmp_path: Path) -> None:
         app, ["bench", "--model", "sdxl", "--configs", "A,B*,S", "-o", str(tmp_path / "x.json")]
     )
     assert one.exit_code == 1 and "needs 1 CUDA GPU for --configs A,B*,S" in one.output
+    extra = ["--engines", "e1", "--engines", "e2"]
+    two = runner.invoke(app, ["bench", "--model", "sdxl", "--tiny", *extra], env={"COLUMNS": "250"})
+    assert two.exit_code != 0 and "2 engine directories for 1 backend(s) (inductor)" in two.output
     bad = runner.invoke(app, ["bench", "--model", "sdxl", "--tiny", "--configs", "A,Z"])
     assert bad.exit_code != 0 and "unknown configurations ['Z']" in bad.output
     from accel.bench.report import describe

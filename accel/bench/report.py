@@ -61,14 +61,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{env.get('gpus', 0)} x {env.get('gpu', 'CPU')} (driver {env.get('driver', '-')}, CUDA "
         f"{env.get('cuda', '-')}), torch {versions.get('torch')}, diffusers {versions.get('diffusers')}, "
         f"accel {versions.get('accel')}, {result['date']}; median of {result['repeat']} runs; "
-        f"schedule {result.get('schedule')}; engines {result.get('engines') or 'compiled in memory'}.",
+        f"schedule {result.get('schedule')}; engines {_engines(result.get('engines'))}.",
         "",
         "| config | what | loop s | end-to-end s | loop vs A | loop vs B | loop vs B* | e2e vs A | e2e vs B "
         "| e2e vs B* | first call s | peak GiB per GPU | window | latent mean abs err | PSNR dB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    if result.get("engine_tuning"):
-        tuned = "; ".join(f"`{key}` {how}" for key, how in result["engine_tuning"].items())
+    tuned = _tuning(result.get("engine_tuning"))
+    if tuned:
         lines[4:4] = [f"Engines' tuning: {tuned}.", ""]  # after the environment line, before the table
     if result.get("complete") is False:
         requested = ", ".join(result.get("configs_requested", []))
@@ -162,3 +162,25 @@ def write_report(result_files: Sequence[Path], markdown_path: Path, plot_path: P
         body += [f"![latency per configuration]({plot_path.name})", ""]
     body += [markdown(r) for r in results]
     write_text_atomic(markdown_path, "\n".join(body))
+
+
+def _engines(engines: str | dict[str, str | None] | None) -> str:
+    """The engine directories of a run: per backend (results since S ran per backend), or the one
+    directory of the first backend (earlier results)."""
+    if isinstance(engines, dict):
+        given = [f"{directory} ({backend})" for backend, directory in engines.items() if directory]
+        return ", ".join(given) or "compiled in memory"
+    return engines or "compiled in memory"
+
+
+def _tuning(tuning: dict[str, Any] | None) -> str:
+    """The engines' tuning, per backend (``{backend: {key: how}}``) or for one directory (``{key: how}``)."""
+    if not tuning:
+        return ""
+    nested = all(isinstance(v, dict) or v is None for v in tuning.values())
+    groups = tuning.items() if nested else [(None, tuning)]
+    return "; ".join(
+        f"{backend + ' ' if backend else ''}`{key}` {how}"
+        for backend, per_key in groups
+        for key, how in (per_key or {}).items()
+    )

@@ -9,9 +9,9 @@ Configurations (letters as in ``docs/benchmarks/README.md``):
   VAE, inductor's ``conv_1x1_as_mm`` and coordinate-descent tuning) and ``torch.compile`` of the denoiser
   and the VAE decoder with ``mode="max-autotune"`` (``expert_mode="reduce-overhead"``: the same recipe
   without GEMM autotuning, which measured slower for SD3-medium and takes more than 10 minutes for SDXL);
-- ``S``: accel on one GPU (both guidance branches in one call) with the first of ``backends`` and the
-  engines given (export them from a one-device plan, e.g. with ``--tune fused_qkv``), what accel adds on a
-  single GPU;
+- ``S``: accel on one GPU (both guidance branches in one call), once per backend of ``backends`` with
+  that backend's engines (export them from a one-device plan, e.g. with ``--tune fused_qkv``), what accel
+  adds on a single GPU;
 - ``C``: accel CFG split, eager, 2 GPUs;
 - ``D``: accel CFG split with each compiled backend of ``backends``, 2 GPUs;
 - ``E``: accel hybrid with the first of ``backends``, 2 GPUs, once per window guidance mode.
@@ -99,13 +99,14 @@ class SuiteSettings:
         height, width: image size in pixels.
         steps: denoising steps; ``guidance``: CFG scale (default 5.0 SDXL, 7.0 SD3).
         configs: subset of :data:`CONFIGS`.
-        backends: compiled backends for ``D`` (each) and ``E`` (the first).
+        backends: compiled backends for ``S`` and ``D`` (each) and ``E`` (the first).
         window_modes: window guidance modes for ``E``.
         schedule: hybrid schedule for ``E`` (``"adaptive"``, ``"never"``, ``(start, end)``...).
         repeat: timed calls per configuration (the median is reported); ``warmup_steps``: the short
             warm-up call.
-        engines: an engine directory (``accel export``) for the first backend (``S``, ``D``, ``E``; one
-            directory may hold the engines of a one-device and a two-device plan); ``None`` compiles in memory.
+        engines: engine directories (``accel export``), one per backend of ``backends`` in order (``S``,
+            ``D``, ``E``; one directory may hold the engines of a one-device and a two-device plan); a backend
+            without one compiles in memory.
         plan: the plan file for ``E`` (the one the engines were exported from); ``None`` plans on the
             first hybrid call.
         seed: the seed of every call.
@@ -124,7 +125,7 @@ class SuiteSettings:
     schedule: Any = "adaptive"
     repeat: int = 3
     warmup_steps: int = 3
-    engines: str | None = None
+    engines: tuple[str, ...] = ()
     plan: str | None = None
     seed: int = 0
     tiny: bool = False
@@ -149,6 +150,16 @@ class SuiteSettings:
             raise ValueError(f"unknown window modes {bad_modes}; choose from {', '.join(WINDOW_MODES)}.")
         if self.repeat < 1 or self.steps < 1:
             raise ValueError("steps and repeat must be >= 1.")
+        if len(self.engines) > len(self.backends):
+            raise ValueError(
+                f"{len(self.engines)} engine directories for {len(self.backends)} backend(s) "
+                f"({', '.join(self.backends)}): give one per backend, in the same order."
+            )
+
+    def engines_for(self, backend: str) -> str | None:
+        """The engine directory given for ``backend`` (``None``: it compiles in memory)."""
+        index = self.backends.index(backend)
+        return self.engines[index] if index < len(self.engines) else None
 
     @property
     def cfg_scale(self) -> float:
@@ -358,12 +369,12 @@ def single_gpu(
             out["B"] = measure(pipe, getattr(pipe, _denoiser_name(pipe)), s, "B", device)
             notify()
         torch._dynamo.reset()
-    if "S" in s.configs:
+    for backend in s.backends if "S" in s.configs else ():
         wrapped = Accelerator(devices=1, accelerator=s.device_kind).wrap(
-            pipe, backend=s.backends[0], engines=s.engines
+            pipe, backend=backend, engines=s.engines_for(backend)
         )
         try:
-            out[f"S-{s.backends[0]}"] = measure(wrapped, denoiser, s, f"S-{s.backends[0]}", device)
+            out[f"S-{backend}"] = measure(wrapped, denoiser, s, f"S-{backend}", device)
             notify()
         finally:
             unwrap(wrapped)
@@ -391,8 +402,9 @@ def _worker(acc: Any, s: SuiteSettings) -> dict[str, dict[str, Any]]:
         runs.append(("C", {"strategy": "cfg"}))
     if "D" in s.configs:
         for backend in s.backends:
-            engines = s.engines if backend == s.backends[0] else None
-            runs.append((f"D-{backend}", {"strategy": "cfg", "backend": backend, "engines": engines}))
+            runs.append(
+                (f"D-{backend}", {"strategy": "cfg", "backend": backend, "engines": s.engines_for(backend)})
+            )
     if "E" in s.configs:
         backend = s.backends[0]
         for mode in s.window_modes:
@@ -402,7 +414,7 @@ def _worker(acc: Any, s: SuiteSettings) -> dict[str, dict[str, Any]]:
                     {
                         "strategy": "hybrid",
                         "backend": backend,
-                        "engines": s.engines,
+                        "engines": s.engines_for(backend),
                         "window_guidance": mode,
                         "schedule": s.schedule,
                     },
@@ -527,8 +539,8 @@ def _result(
         "repeat": s.repeat,
         "schedule": s.schedule,
         "backends": list(s.backends),
-        "engines": s.engines,
-        "engine_tuning": engine_tuning(s.engines),
+        "engines": {backend: s.engines_for(backend) for backend in s.backends},
+        "engine_tuning": {backend: engine_tuning(s.engines_for(backend)) for backend in s.backends},
         "plan": s.plan,
         "expert_mode": s.expert_mode,
         "environment": environment(),

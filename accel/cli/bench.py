@@ -58,18 +58,20 @@ def bench(
     configs: str = typer.Option(
         ",".join(DEFAULT_CONFIGS),
         "--configs",
-        help=f"Speed suite: subset of {','.join(CONFIGS)} (S: accel on one GPU with --engines; A, B, B*, S "
+        help=f"Speed suite: subset of {','.join(CONFIGS)} (S: accel on one GPU per backend; A, B, B*, S "
         "need one GPU).",
     ),
     backends: str = typer.Option(
-        "inductor", "--backends", help="Speed suite: compiled backends for D (each) and S, E (the first)."
+        "inductor", "--backends", help="Speed suite: compiled backends for S and D (each) and E (the first)."
     ),
     window_modes: str = typer.Option(
         ",".join(WINDOW_MODES), "--window-modes", help="Speed suite: window guidance modes for E."
     ),
     schedule: str = typer.Option("adaptive", "--schedule", help="Speed suite: E's schedule (or START,END)."),
-    engines: Path = typer.Option(
-        None, "--engines", help="Speed suite: engine directory for the first backend."
+    engines: list[Path] = typer.Option(
+        None,
+        "--engines",
+        help="Speed suite: engine directory of each backend, in the order of --backends (repeat the option).",
     ),
     plan: Path = typer.Option(None, "--plan", help="Speed suite: the plan file for E (the engines' plan)."),
     expert_mode: str = typer.Option(
@@ -213,7 +215,7 @@ def _speed(
     backends: str,
     window_modes: str,
     schedule: str,
-    engines: Path | None,
+    engines: list[Path] | None,
     plan: Path | None,
     tiny: bool,
     output: Path,
@@ -235,7 +237,7 @@ def _speed(
             backends=parse_names(backends),
             window_modes=parse_names(window_modes),
             schedule=window,
-            engines=None if engines is None else str(engines),
+            engines=tuple(str(e) for e in engines or ()),
             plan=None if plan is None else str(plan),
             tiny=tiny,
             expert_mode=expert_mode,

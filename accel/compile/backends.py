@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from accel.atomic import atomic_path, write_text_atomic
+from accel.compile import launches
 from accel.compile.cxxruntime import loaded_libstdcxx, share_libstdcxx
 from accel.compile.loader_check import MARKER_PREFIX, cache_folder, check_lock
 from accel.compile.stage import stage_model
@@ -173,8 +174,9 @@ class InductorBackend(Backend):
     (:class:`accel.compile.runner.CUDAGraphCallable`), one mechanism for every backend and every stage.
 
     ``export`` compiles, runs once and saves inductor's portable cache artifacts
-    (``torch.compiler.save_cache_artifacts``); ``load`` installs them and compiles ``module`` again,
-    which then hits the cache instead of generating code. The module is needed: the file holds no weights.
+    (``torch.compiler.save_cache_artifacts``) with the kernels' tuned launch parameters
+    (:mod:`accel.compile.launches`); ``load`` installs them and compiles ``module`` again, which then hits
+    the cache instead of generating code. The module is needed: the file holds no weights.
     """
 
     name = "inductor"
@@ -230,9 +232,9 @@ class InductorBackend(Backend):
             saved = self._compile_and_save(module, example_inputs)
         if saved is None:
             raise BackendError("inductor produced no cache artifacts to save (was the stage compiled?).")
-        blob, _info = saved
+        blob, info = saved
         with atomic_path(path) as tmp:
-            Path(tmp).write_bytes(blob)
+            Path(tmp).write_bytes(launches.pack(blob, launches.tuned_launches(info)))
         return Path(path)
 
     def _compile_and_save(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
@@ -245,7 +247,9 @@ class InductorBackend(Backend):
     def load(self, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None) -> StageCallable:
         if module is None:
             raise BackendError("the inductor backend compiles the stage module from its cache: pass module=.")
-        torch.compiler.load_cache_artifacts(Path(path).read_bytes())
+        artifacts, tuned = launches.unpack(Path(path).read_bytes())
+        torch.compiler.load_cache_artifacts(artifacts)
+        launches.restore(tuned)  # after torch's own entries, which they replace
         # With the tuning the file was built with (the store passes it), or the cache would not match.
         return torch.compile(module, dynamic=False, **self._how())
 
