@@ -206,10 +206,10 @@ class InductorBackend(Backend):
         options: dict[str, bool] = self.tuning.inductor_options()
         if self.tuning.coordinate_descent:
             # Kernels read back from the cache through torch's static CUDA launcher lose the mark that
-            # their launch parameters came from a search (torch 2.10-2.11; pytorch/pytorch#172819), so
-            # a loaded engine would search again in its first call: a minute for an SDXL U-Net. Kernels
-            # loaded through Triton's own launcher keep it; under the runtime's CUDA-graph replay the
-            # launcher costs nothing per step.
+            # their launch parameters came from a search (torch 2.11; pytorch/pytorch#172819), so every
+            # load of the engine searched again (GPU host: a small block 60-68 benchmark calls per load,
+            # none through Triton's own launcher). Under the runtime's CUDA-graph replay the launcher
+            # costs nothing per step.
             options["use_static_cuda_launcher"] = False
         if options and self.mode is not None:
             raise BackendError(
