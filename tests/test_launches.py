@@ -50,16 +50,19 @@ def test_tuned_launches_reads_the_recorded_files_as_they_are_now(tmp_path: Path)
 
 
 def test_inductor_engine_load_writes_its_launch_files_into_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).eval()
     x = torch.linspace(-1, 1, 8).reshape(2, 4)
-    backend = get_backend("inductor")
+    backend = get_backend("inductor", Tuning(coordinate_descent=True))
     torch._dynamo.reset()
-    path = backend.export(module, (x,), tmp_path / "mlp.inductor")
+    with caplog.at_level("INFO", logger="accel.compile.backends"):
+        path = backend.export(module, (x,), tmp_path / "mlp.inductor")
+    # The export says how many it carries (on the CPU inductor generates C++, so nothing is searched).
+    assert "inductor mlp.inductor: 0 tuned kernel launch file(s) carried" in caplog.text
     artifacts, tuned = launches.unpack(path.read_bytes())
-    assert tuned == {}  # on the CPU nothing is searched: the file is torch's artifacts alone
+    assert tuned == {}  # nothing searched: the file is torch's artifacts alone
     path.write_bytes(launches.pack(artifacts, {KEY: ENTRY}))
     cache = tmp_path / "fresh-cache"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))

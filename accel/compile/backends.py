@@ -233,8 +233,11 @@ class InductorBackend(Backend):
         if saved is None:
             raise BackendError("inductor produced no cache artifacts to save (was the stage compiled?).")
         blob, info = saved
+        tuned = launches.tuned_launches(info)
+        if self.tuning.searches:  # what a load can restore instead of searching again
+            logger.info("inductor %s: %d tuned kernel launch file(s) carried", Path(path).name, len(tuned))
         with atomic_path(path) as tmp:
-            Path(tmp).write_bytes(launches.pack(blob, launches.tuned_launches(info)))
+            Path(tmp).write_bytes(launches.pack(blob, tuned))
         return Path(path)
 
     def _compile_and_save(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
