@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from accel.compile.backends import SEARCHED_KERNELS_LAUNCHER
 from accel.compile.work import CompilerWork
 from accel.models import fusion
 
@@ -78,8 +79,8 @@ OPTIONS = (*ATOMS, *COMBINED)
 #: inductor configuration of each atom (fused_qkv, channels_last and SDPA act on the model or the call).
 INDUCTOR = {
     "conv_1x1_as_mm": {"conv_1x1_as_mm": True},
-    # Off as in accel's inductor engines, so a graph read back from the cache keeps its search's results.
-    "coordinate_descent": {"coordinate_descent_tuning": True, "use_static_cuda_launcher": False},
+    # The launcher accel's inductor engines use, so a graph read back from the cache keeps its searches.
+    "coordinate_descent": {"coordinate_descent_tuning": True, **SEARCHED_KERNELS_LAUNCHER},
     "gemm-autotune": {"max_autotune_gemm": True},
     "autotune": {"max_autotune": True},
 }

@@ -51,6 +51,13 @@ logger = logging.getLogger(__name__)
 
 StageCallable = Callable[..., Any]
 
+#: Inductor settings of a stage compiled with coordinate descent. Kernels read back from the cache through
+#: torch's static CUDA launcher lose the mark that their launch parameters came from a search (torch 2.11;
+#: pytorch/pytorch#172819), so every load of the engine searched again (GPU host: a small block 60-68
+#: benchmark calls per load, none through Triton's own launcher). Under the runtime's CUDA-graph replay
+#: the launcher costs nothing per step.
+SEARCHED_KERNELS_LAUNCHER = {"use_static_cuda_launcher": False}
+
 TENSORRT_INSTALL = (
     "pip install 'accel[tensorrt]' (from a source checkout: pip install -e '.[tensorrt]'; torch-tensorrt "
     "needs a CUDA build of torch and the torch-tensorrt release made for your torch minor version)"
@@ -205,12 +212,7 @@ class InductorBackend(Backend):
         """``torch.compile``'s ``mode`` or ``options`` (it takes one of them, not both)."""
         options: dict[str, bool] = self.tuning.inductor_options()
         if self.tuning.coordinate_descent:
-            # Kernels read back from the cache through torch's static CUDA launcher lose the mark that
-            # their launch parameters came from a search (torch 2.11; pytorch/pytorch#172819), so every
-            # load of the engine searched again (GPU host: a small block 60-68 benchmark calls per load,
-            # none through Triton's own launcher). Under the runtime's CUDA-graph replay the launcher
-            # costs nothing per step.
-            options["use_static_cuda_launcher"] = False
+            options.update(SEARCHED_KERNELS_LAUNCHER)
         if options and self.mode is not None:
             raise BackendError(
                 f"inductor mode {self.mode!r} and tuning ({self.tuning.describe()}) cannot be combined: "
