@@ -105,8 +105,8 @@ def test_a_stopped_command_ends_the_processes_it_started(tmp_path: Path) -> None
     assert not (tmp_path / "p.json").exists()
 
 
-@pytest.mark.parametrize("swallowed", [1, 1000])
-def test_a_stop_that_a_command_swallows_still_ends_it(swallowed: int) -> None:
+@pytest.mark.parametrize("swallowed", [1, None])
+def test_a_stop_that_a_command_swallows_still_ends_it(swallowed: int | None) -> None:
     """Code that catches every exception swallows the stop's SystemExit: the signal is delivered again at
     once (a command that swallows it once then unwinds cleanly), and a command that swallows every one is
     ended outright after the grace period; both exit with the signal's status and the one-line message,
@@ -118,15 +118,16 @@ def test_a_stop_that_a_command_swallows_still_ends_it(swallowed: int) -> None:
         worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 
         def swallowing() -> None:
-            left = {swallowed}
+            left = {swallowed}  # None: swallows every stop
             print(worker.pid, flush=True)
             while True:
                 try:
                     time.sleep(0.05)
                 except BaseException:  # a catch-all, as some libraries and finalisers have
-                    left -= 1
-                    if left < 0:
-                        raise
+                    if left is not None:
+                        left -= 1
+                        if left < 0:
+                            raise
 
         cli.app = swallowing
         cli.main(stop_grace_s=1.0)
