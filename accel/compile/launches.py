@@ -92,10 +92,11 @@ def unpack(data: bytes) -> tuple[bytes, dict[str, bytes]]:
 
 
 def restore(launches: Mapping[str, bytes], root: Path | None = None) -> None:
-    """Write ``launches`` into inductor's cache folder (each file replaced whole, never half-written)."""
+    """Write ``launches`` (as :func:`unpack` returned them, keys checked there) into inductor's cache folder,
+    each file replaced whole, never half-written."""
     root = _cache_root() if root is None else root
     for key, content in launches.items():
-        path = root / _checked(key)
+        path = root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             Path(tmp).write_bytes(content)
